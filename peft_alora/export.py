@@ -1,0 +1,90 @@
+"""Export a trained ALoRA adapter as a stock PEFT LoRA adapter (no ``peft_alora`` needed to load it).
+
+Per module only the active slots are kept; the gate and the fixed scale ``s`` are folded into B:
+
+    s * B diag(g) A  ==  (s * B[:, active]) A[active, :]
+
+The written config says ``lora_alpha == r == largest rank`` and, per module, ``rank_pattern[m] ==
+alpha_pattern[m] == rank(m)``, so every module's LoRA scale is exactly 1 — in PEFT (which reads
+the patterns) and in vLLM (which ignores them). Modules left with rank 0 are not targeted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .layers import GatedLoraMixin
+
+GATE_SUFFIX = ".lora_gate"
+PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The stock-LoRA state dict (checkpoint keys, no adapter name) and the rank of every module.
+
+    Entries that are not A/B/gate (``modules_to_save``, trained biases) are passed through.
+    """
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    gate_keys = [k for k in state if k.endswith(GATE_SUFFIX)]
+    if not gate_keys:
+        raise ValueError(f"adapter {adapter_name!r} has no ALoRA gates: is this an ALoRA model?")
+    out = {k: v for k, v in state.items() if not k.endswith(GATE_SUFFIX)}
+    ranks: dict[str, int] = {}
+    for gate_key in gate_keys:
+        module_key = gate_key[: -len(GATE_SUFFIX)]
+        layer = model.get_submodule(module_key)
+        if not isinstance(layer, GatedLoraMixin):
+            raise TypeError(f"{module_key} carries a lora_gate but is not a gated ALoRA layer")
+        active = torch.nonzero(state[gate_key] > 0).flatten()
+        a_key, b_key = f"{module_key}.lora_A.weight", f"{module_key}.lora_B.weight"
+        weight_a, weight_b = out.pop(a_key), out.pop(b_key)
+        name = module_key.removeprefix(PEFT_MODEL_PREFIX)
+        ranks[name] = int(active.numel())
+        if active.numel() == 0:
+            continue
+        scale = layer.scaling[adapter_name]
+        out[a_key] = weight_a[active].contiguous()
+        out[b_key] = (weight_b[:, active].float() * scale).to(weight_b.dtype).contiguous()
+    return out, ranks
+
+
+def export_lora(model, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` of a stock LoRA adapter to ``path``.
+
+    ``model`` is a ``PeftModel`` (or a transformers model with the adapter loaded) holding an
+    ALoRA adapter. Returns the folder.
+    """
+    config = model.peft_config[adapter_name]
+    state, ranks = compact_lora_state_dict(model, adapter_name)
+    kept = {name: rank for name, rank in ranks.items() if rank > 0}
+    if not kept:
+        raise ValueError(f"adapter {adapter_name!r} has no active rank left in any module: nothing to export.")
+    largest = max(kept.values())
+    lora_config = LoraConfig(
+        r=largest,
+        lora_alpha=largest,
+        rank_pattern=dict(kept),
+        alpha_pattern=dict(kept),
+        target_modules=sorted(kept),
+        lora_dropout=config.lora_dropout,
+        fan_in_fan_out=config.fan_in_fan_out,
+        bias=config.bias,
+        use_rslora=False,
+        modules_to_save=config.modules_to_save,
+        init_lora_weights=True,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        task_type=config.task_type,
+        inference_mode=True,
+    )
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir

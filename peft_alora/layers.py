@@ -1,0 +1,174 @@
+"""Gated LoRA layers: PEFT's LoRA layers with ``max_r`` rank slots and a 0/1 gate per slot.
+
+    h = W0 x + s * B diag(g) A x,        s = lora_alpha / r_init (fixed)
+
+The gate lives in ``lora_gate[adapter]`` (fp32 buffer, saved with the adapter). Everything else
+(forward plumbing, dtype casts, merge/unmerge of plain, 4-bit and 8-bit weights, disable,
+multi-adapter) is PEFT's own code: the gate enters through PEFT's ``LoraVariant`` hook, which
+LoRA's layers call for forward, merge and unmerge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.utils.other import transpose
+
+
+class GatedVariant(LoraVariant):
+    """Forward and merge of a gated adapter; PEFT calls these from its LoRA layers."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False  # use peft_alora.export_lora instead
+
+    @staticmethod
+    def init(module, adapter_name, **kwargs) -> None:
+        pass  # the gate is created in GatedLoraMixin.update_layer, after PEFT's own set-up
+
+    @staticmethod
+    def merge_safe(module, active_adapter, orig_weight):
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter, orig_weight) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter, orig_weight):
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        hidden = lora_A(dropout(x))
+        gate = module.lora_gate[active_adapter].to(hidden.dtype)
+        return result + lora_B(hidden * gate) * module.scaling[active_adapter]
+
+
+def fresh_a_row(in_features: int, init_lora_weights, r_init: int, generator=None, device=None, dtype=None):
+    """One new row of A, drawn as PEFT draws a fresh LoRA A (kaiming-uniform, or gaussian std 1/r)."""
+    row = torch.empty(1, in_features, device="cpu", dtype=torch.float32)
+    if init_lora_weights == "gaussian":
+        row.normal_(0.0, 1.0 / r_init, generator=generator)
+    else:
+        torch.nn.init.kaiming_uniform_(row, a=math.sqrt(5), generator=generator)
+    return row.to(device=device, dtype=dtype)
+
+
+class GatedLoraMixin:
+    """Adds rank slots, the gate and the rank-state API to a PEFT LoRA layer class."""
+
+    other_param_names = LoraLayer.other_param_names + ("lora_gate", "r_init")
+
+    def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
+        return GatedVariant()
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        if not hasattr(self, "lora_gate"):
+            self.lora_gate = BufferDict(persistent=True)
+            self.r_init = {}
+            self.init_lora_weights = {}
+        r_init = r
+        capacity = config.max_r if config.max_r is not None else 2 * r_init
+        super().update_layer(adapter_name, capacity, lora_alpha=lora_alpha, config=config, **kwargs)
+        # PEFT sized everything for `capacity` slots; the scale follows the initial rank instead.
+        self.r[adapter_name] = r_init
+        self.r_init[adapter_name] = r_init
+        self.init_lora_weights[adapter_name] = config.init_lora_weights
+        denom = math.sqrt(r_init) if config.use_rslora else r_init
+        self.scaling[adapter_name] = lora_alpha / denom
+        gate = torch.zeros(capacity, dtype=torch.float32, device=self.lora_A[adapter_name].weight.device)
+        gate[:r_init] = 1.0
+        self.lora_gate[adapter_name] = gate
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name, device=None):
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        gates = getattr(self, "lora_gate", None)
+        if gates is not None and adapter_name in gates and gates[adapter_name].dtype != torch.float32:
+            gates[adapter_name] = gates[adapter_name].float()  # 0/1 gates stay fp32 whatever the base dtype
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        dtype = weight_B.dtype
+        compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        gate = self.lora_gate[adapter].to(weight_A.device, compute)
+        delta = (weight_B.to(compute) * gate) @ weight_A.to(compute)
+        delta = transpose(delta, getattr(self, "fan_in_fan_out", False)) * self.scaling[adapter]
+        return delta.to(dtype)
+
+    # ---- rank-state API (used by the allocator) -------------------------------------------
+
+    def capacity(self, adapter: str) -> int:
+        return self.lora_gate[adapter].numel()
+
+    def active_slots(self, adapter: str) -> list[int]:
+        return torch.nonzero(self.lora_gate[adapter] > 0).flatten().tolist()
+
+    def num_active(self, adapter: str) -> int:
+        return int((self.lora_gate[adapter] > 0).sum().item())
+
+    def active_parameter_count(self, adapter: str) -> int:
+        return self.num_active(adapter) * (self.in_features + self.out_features)
+
+    def deactivate_slot(self, adapter: str, slot: int) -> None:
+        gate = self.lora_gate[adapter]
+        if gate[slot] == 0:
+            raise ValueError(f"slot {slot} of adapter {adapter!r} is already inactive")
+        gate[slot] = 0.0
+
+    @torch.no_grad()
+    def activate_slot(self, adapter: str, slot: int, generator: Optional[torch.Generator] = None) -> None:
+        """Switch a slot on as a fresh rank: new A row, zero B column, gate 1 (output unchanged)."""
+        gate = self.lora_gate[adapter]
+        if gate[slot] != 0:
+            raise ValueError(f"slot {slot} of adapter {adapter!r} is already active")
+        weight_A = self.lora_A[adapter].weight
+        weight_B = self.lora_B[adapter].weight
+        weight_A[slot] = fresh_a_row(
+            self.in_features,
+            self.init_lora_weights.get(adapter, True),
+            self.r_init[adapter],
+            generator=generator,
+            device=weight_A.device,
+            dtype=weight_A.dtype,
+        )[0]
+        weight_B[:, slot] = 0.0
+        gate[slot] = 1.0
+
+
+class GatedLinear(GatedLoraMixin, lora_layer.Linear):
+    """Gated LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out=True``)."""
+
+
+def _bnb_classes():
+    """Gated 4-bit / 8-bit layers, or ``(None, None)`` when bitsandbytes is not importable."""
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    gated_8bit = gated_4bit = None
+    if is_bnb_available():
+        from peft.tuners.lora.bnb import Linear8bitLt
+
+        class GatedLinear8bitLt(GatedLoraMixin, Linear8bitLt):
+            """Gated LoRA on a bitsandbytes 8-bit linear layer."""
+
+        gated_8bit = GatedLinear8bitLt
+    if is_bnb_4bit_available():
+        from peft.tuners.lora.bnb import Linear4bit
+
+        class GatedLinear4bit(GatedLoraMixin, Linear4bit):
+            """Gated LoRA on a bitsandbytes 4-bit (QLoRA) linear layer."""
+
+        gated_4bit = GatedLinear4bit
+    return gated_8bit, gated_4bit
+
+
+GatedLinear8bitLt, GatedLinear4bit = _bnb_classes()

@@ -1,0 +1,80 @@
+"""``ALoRAModel``: PEFT's ``LoraModel`` with gated layers, plus a model-wide view of the rank state."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.pytorch_utils import Conv1D
+
+from .layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, GatedLoraMixin
+
+
+class ALoRAModel(LoraModel):
+    """Injects :class:`GatedLinear` (and its 4-bit / 8-bit twins) instead of LoRA's layers."""
+
+    prefix: str = "lora_"
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        kwargs.pop("tied_adapter", None)
+        # bitsandbytes layers subclass nn.Linear: check them first
+        if kwargs.get("loaded_in_4bit") and GatedLinear4bit is not None:
+            import bitsandbytes as bnb
+
+            if isinstance(base, bnb.nn.Linear4bit):
+                return GatedLinear4bit(target, adapter_name, config=lora_config, **kwargs)
+        if kwargs.get("loaded_in_8bit") and GatedLinear8bitLt is not None:
+            import bitsandbytes as bnb
+
+            if isinstance(base, bnb.nn.Linear8bitLt):
+                eightbit = {"has_fp16_weights": base.state.has_fp16_weights, "threshold": base.state.threshold,
+                            "index": base.index}
+                return GatedLinear8bitLt(target, adapter_name, config=lora_config, **kwargs, **eightbit)
+        if isinstance(base, torch.nn.Linear):
+            if lora_config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out=True does not apply to torch.nn.Linear; using False.")
+                lora_config.fan_in_fan_out = False
+            return GatedLinear(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, Conv1D):
+            if not lora_config.fan_in_fan_out:
+                warnings.warn("Target is transformers' Conv1D: setting fan_in_fan_out=True.")
+                lora_config.fan_in_fan_out = True
+            return GatedLinear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+        raise ValueError(
+            f"ALoRA cannot adapt {type(base).__name__} ({target}): supported are torch.nn.Linear, "
+            "transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt. Remove it from target_modules."
+        )
+
+    # ---- rank-state API ---------------------------------------------------------------------
+
+    def gated_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, GatedLoraMixin]]:
+        """``(module name, layer)`` for every gated layer holding ``adapter_name`` (default: active)."""
+        adapter = adapter_name or self.active_adapters[0]
+        for name, module in self.model.named_modules():
+            if isinstance(module, GatedLoraMixin) and adapter in module.lora_gate:
+                yield name, module
+
+    def rank_state(self, adapter_name: str | None = None) -> dict[str, list[int]]:
+        """Active slot indices of every gated module."""
+        adapter = adapter_name or self.active_adapters[0]
+        return {name: layer.active_slots(adapter) for name, layer in self.gated_layers(adapter)}
+
+    def count_active_ranks(self, adapter_name: str | None = None) -> int:
+        adapter = adapter_name or self.active_adapters[0]
+        return sum(layer.num_active(adapter) for _, layer in self.gated_layers(adapter))
+
+    def count_active_parameters(self, adapter_name: str | None = None) -> int:
+        """Trainable LoRA parameters in active slots (what a compacted adapter holds, biases aside)."""
+        adapter = adapter_name or self.active_adapters[0]
+        return sum(layer.active_parameter_count(adapter) for _, layer in self.gated_layers(adapter))
+
+    def get_gated_layer(self, module_name: str) -> GatedLoraMixin:
+        layer = self.model.get_submodule(module_name)
+        if not isinstance(layer, GatedLoraMixin):
+            raise KeyError(f"{module_name!r} is not a gated ALoRA layer")
+        return layer

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install peft-alora for development into the virtualenv given as $1 (default .venv), with the
+# exact versions of constraints-dev.txt (torch pinned to the CPU build 2.13.0).
+set -euo pipefail
+venv="${1:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt "torch==2.13.0"
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt -e ".[dev]"
