@@ -114,7 +114,7 @@ def plan_regrowth(
             scored.append((-mean, module))
         else:
             unscored.append(module)
-    order = sorted(unscored) + [module for _, module in sorted(scored)]
+    order = [module for _, module in sorted(scored)] + sorted(unscored)
 
     grown: Dict[str, int] = {}
     left = n
