@@ -1,0 +1,153 @@
+"""RankAllocator in a custom training loop: schedule, applied decisions, fresh slots, optimizer state."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_alora
+from peft_alora.allocation import select_pruned
+from peft_alora.allocator import RankAllocator, resolve_schedule
+from peft_alora.scoring import ScoringSet
+from conftest import make_tiny_llama, random_batch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj"]
+
+
+def _setup(optimizer_cls=torch.optim.AdamW, **config):
+    kwargs = dict(r=2, lora_alpha=4, target_modules=TARGETS, allocation_start=2, allocation_end=None,
+                  allocation_interval=2, allocation_rounds=3)
+    kwargs.update(config)
+    model = get_peft_model(make_tiny_llama(seed=0), peft_alora.ALoRAConfig(**kwargs))
+    ids = random_batch(n=8, length=12, seed=5)
+    scoring = ScoringSet([{"input_ids": ids[:4], "labels": ids[:4]}, {"input_ids": ids[4:], "labels": ids[4:]}])
+    allocator = RankAllocator(model, scoring, total_steps=8, seed=7)
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, allocator, optimizer, ids
+
+
+def _train_step(model, optimizer, ids):
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def test_custom_loop_runs_rounds_on_schedule_and_applies_the_plan():
+    model, allocator, optimizer, ids = _setup()
+    assert allocator.schedule == [2, 4, 6]
+    assert allocator.ranks_per_round == len(TARGETS)  # default n_A: number of target module types
+    budget = allocator.budget
+    assert budget == 2 * 4 * 2  # r x modules (2 layers x 4 types)
+    ran = []
+    for step in range(1, 9):
+        _train_step(model, optimizer, ids)
+        before = allocator.active_slots()
+        record = allocator.step(step, optimizer)
+        if record is None:
+            continue
+        ran.append(step)
+        scores = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in record["scores"].items()}
+        # pruned = the n lowest scores globally (ALGORITHM §4)
+        assert [tuple(r) for r in record["pruned"]] == select_pruned(scores, allocator.ranks_per_round)
+        after = allocator.active_slots()
+        for module, slot in record["pruned"]:
+            assert slot in before[module] and slot not in after[module]
+        pruned_modules = {m for m, _ in record["pruned"]}
+        assert not pruned_modules & set(record["grown"])  # regrowth only where nothing was pruned
+        assert sum(record["grown"].values()) == len(record["pruned"])
+        assert model.base_model.count_active_ranks() == record["active_total"] <= budget
+    assert ran == [2, 4, 6]
+    assert [r["round"] for r in allocator.history] == [0, 1, 2, 3]
+    assert allocator.step(8, optimizer) is None  # no round after the schedule ends
+
+
+def test_grown_slots_start_fresh_and_pruned_slots_are_not_reused_in_the_same_round():
+    model, allocator, optimizer, ids = _setup()
+    for step in range(1, 3):
+        _train_step(model, optimizer, ids)
+    record = allocator.step(2, optimizer)
+    layers = dict(model.base_model.gated_layers())
+    pruned = {tuple(r) for r in record["pruned"]}
+    for module, slot in record["grown_slots"]:
+        layer = layers[module]
+        assert (module, slot) not in pruned
+        assert layer.lora_gate["default"][slot] == 1
+        assert torch.count_nonzero(layer.lora_B["default"].weight[:, slot]) == 0  # output unchanged
+        assert torch.count_nonzero(layer.lora_A["default"].weight[slot]) > 0
+
+
+@pytest.mark.parametrize("optimizer_cls", [
+    torch.optim.AdamW,
+    lambda params, lr: torch.optim.AdamW(params, lr=lr, fused=True),
+    lambda params, lr: bnb.optim.AdamW8bit(params, lr=lr, min_8bit_size=16),  # 8-bit states even for tiny params
+    lambda params, lr: bnb.optim.PagedAdamW8bit(params, lr=lr, min_8bit_size=16),
+], ids=["adamw", "adamw-fused", "bnb-adamw8bit", "bnb-paged-adamw8bit"])
+def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
+    model, allocator, optimizer, ids = _setup(optimizer_cls=optimizer_cls)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for step in range(1, 3):
+        _train_step(model, optimizer, ids)
+    # make every slot look used (as a slot pruned in an earlier round would be): nonzero moments
+    for param, state in inner.state.items():
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.fill_(255 if value.dtype == torch.uint8 else 1.0)
+    record = allocator.step(2, optimizer)
+    assert record["grown_slots"]
+    layers = dict(model.base_model.gated_layers())
+
+    def moments(param):
+        state = inner.state[param]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                if value.dtype == torch.uint8:  # 8-bit: the code must decode to 0.0
+                    qmap = state["qmap1" if key == "state1" else "qmap2"]
+                    yield key, qmap[value.long()]
+                else:
+                    yield key, value
+
+    checked = 0
+    for module, slot in record["grown_slots"]:
+        a = layers[module].lora_A["default"].weight
+        b = layers[module].lora_B["default"].weight
+        for key, value in moments(a):
+            assert torch.count_nonzero(value[slot]) == 0, key
+            checked += 1
+        for key, value in moments(b):
+            assert torch.count_nonzero(value[:, slot]) == 0, key
+        # an active slot that was not touched keeps its moments
+        kept = layers[module].active_slots("default")[0]
+        assert any(torch.count_nonzero(v[kept]) > 0 for _, v in moments(a))
+    assert checked >= 2 * len(record["grown_slots"])
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(dict(allocation_start=0.3, allocation_end=0.9, allocation_interval=None,
+                                  allocation_rounds=8))
+        self.__dict__.update(kw)
+
+
+def test_schedule_from_steps_and_fractions():
+    assert resolve_schedule(_Cfg(), 100) == [30, 39, 47, 56, 64, 73, 81, 90]
+    assert resolve_schedule(_Cfg(allocation_start=10, allocation_end=None, allocation_interval=5,
+                                 allocation_rounds=3), 100) == [10, 15, 20]
+    assert resolve_schedule(_Cfg(allocation_start=0.5, allocation_end=None, allocation_interval=0.1,
+                                 allocation_rounds=2), 40) == [20, 24]
+    assert resolve_schedule(_Cfg(allocation_rounds=1), 10) == [3]
+
+
+@pytest.mark.parametrize("cfg,total,match", [
+    (_Cfg(), 5, "allocation_rounds"),  # 8 rounds cannot fit in 5 steps
+    (_Cfg(allocation_start=50, allocation_end=None, allocation_interval=10, allocation_rounds=3), 60,
+     "allocation_start"),
+    (_Cfg(allocation_start=0, allocation_end=None, allocation_interval=1, allocation_rounds=1), 10,
+     "at least 1 optimizer step"),
+    (_Cfg(allocation_end=1.0, allocation_rounds=2), 10, "allocation_end"),
+])
+def test_schedule_that_does_not_fit_the_run_is_a_clear_error(cfg, total, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_schedule(cfg, total)
