@@ -1,58 +1,68 @@
-"""Smallest end-to-end run, offline on a CPU: tiny Llama -> ALoRA adapter -> a few training steps
--> native save -> stock-LoRA export -> reload the export with plain PEFT and compare logits."""
+"""The whole ALoRA job on the small offline default, on a CPU in about a minute:
+
+tiny Llama + toy instruction data -> TRL SFTTrainer with an ALoRA adapter and ALoRACallback
+(ranks scored, pruned and regrown during training) -> native adapter -> stock-LoRA export ->
+reload of the export with plain PEFT, logits compared. Nothing is downloaded.
+
+    python examples/quickstart.py [OUTPUT_DIR]
+"""
 
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from peft import PeftModel
+from trl import SFTConfig, SFTTrainer
 
 import peft_alora
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return AutoModelForCausalLM.from_config(config)
+from peft_alora import ALoRACallback
+from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer
 
 
 def main(out_dir: str) -> int:
-    model = get_peft_model(tiny_llama(), peft_alora.ALoRAConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    model.print_trainable_parameters()
-    data = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(10):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        print(f"step {step:2d}  loss {loss.item():.4f}")
+    tokenizer = toy_tokenizer()
+    base_dir = os.path.join(out_dir, "base-model")
+    toy_llama(len(tokenizer), hidden_size=128, layers=2, seed=0).save_pretrained(base_dir)
 
-    # move a few ranks by hand (the ALoRA callback does this from importance scores during training)
-    layers = dict(model.base_model.gated_layers())
-    names = sorted(layers)
-    layers[names[0]].deactivate_slot("default", 0)
-    layers[names[0]].deactivate_slot("default", 1)
-    layers[names[1]].activate_slot("default", 4)
-    print("active ranks:", model.base_model.count_active_ranks(), "of budget", 4 * len(names))
+    args = SFTConfig(
+        output_dir=out_dir, max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=10, save_strategy="no", report_to=[], seed=0,
+        assistant_only_loss=True, max_length=64, use_cpu=True, bf16=False,
+    )
+    alora = peft_alora.ALoRAConfig(
+        r=4, lora_alpha=8, target_modules="all-linear",
+        allocation_start=0.25, allocation_end=0.75, allocation_rounds=4,   # rounds after steps 15, 25, 35, 45
+        scoring_examples=32,
+    )
+    trainer = SFTTrainer(
+        model=base_dir, args=args, processing_class=tokenizer, peft_config=alora,
+        train_dataset=toy_dataset(960, seed=0), eval_dataset=toy_dataset(64, seed=1),
+    )
+    trainer.add_callback(ALoRACallback(trainer))
+    trainer.train()
 
-    native, stock = os.path.join(out_dir, "native"), os.path.join(out_dir, "lora")
+    model = trainer.model
+    native, stock = os.path.join(out_dir, "adapter"), os.path.join(out_dir, "adapter-lora")
     model.save_pretrained(native)
     peft_alora.export_lora(model, stock)
+
+    ids = tokenizer("<|user|>What is 12 plus 30?\n<|assistant|>", return_tensors="pt")["input_ids"]
     model.eval()
     with torch.no_grad():
-        expected = model(input_ids=data).logits
-        reloaded = PeftModel.from_pretrained(tiny_llama(), stock).eval()
-        diff = (reloaded(input_ids=data).logits - expected).abs().max().item()
-    print(f"native adapter: {native}\nstock LoRA export: {stock}\nmax |logit diff| export vs trained: {diff:.2e}")
+        expected = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(trainer.model.get_base_model().__class__.from_pretrained(base_dir),
+                                             stock).eval()
+        diff = (reloaded(input_ids=ids).logits - expected).abs().max().item()
+    tuner = model.base_model
+    print(f"\nactive ranks {tuner.count_active_ranks()} (budget {4 * len(dict(tuner.gated_layers()))}), "
+          f"adapter parameters {tuner.count_active_parameters():,}")
+    print(f"native adapter      {native}\nstock LoRA export   {stock}")
+    print(f"allocation report   {os.path.join(out_dir, 'alora_allocation.png')} (+ .json)")
+    print(f"max |logit diff| stock export vs trained model: {diff:.2e}")
     return 0 if diff <= 1e-5 else 1
 
 
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="alora-quickstart-")
-    sys.exit(main(target))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))

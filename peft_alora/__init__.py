@@ -4,6 +4,8 @@
 adapter loading path of PEFT and transformers know ``"peft_type": "ALLOCATING_LORA"``.
 """
 
+from .allocator import RankAllocator
+from .callback import ALoRACallback
 from .config import ALoRAConfig
 from .export import export_lora
 from .layers import GatedLinear, GatedLoraMixin
@@ -12,5 +14,5 @@ from .registration import register as _register
 
 PEFT_TYPE = _register()
 
-__all__ = ["ALoRAConfig", "ALoRAModel", "GatedLinear", "GatedLoraMixin", "export_lora", "PEFT_TYPE"]
+__all__ = ["ALoRACallback", "RankAllocator", "ALoRAConfig", "ALoRAModel", "GatedLinear", "GatedLoraMixin", "export_lora", "PEFT_TYPE"]
 __version__ = "0.1.0"
