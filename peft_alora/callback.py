@@ -94,6 +94,10 @@ class ALoRACallback(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY)
         if saved is not None and state.global_step > 0:
             self.allocator.load_state_dict(saved)  # resumed from a checkpoint
+        elif state.global_step > 0:
+            logger.warning("ALoRA: resuming at step %d from a checkpoint without ALoRA allocator state; the "
+                           "rounds scheduled up to that step are skipped.", state.global_step)
+            self.allocator.schedule = [s for s in self.allocator.schedule if s > state.global_step]
         state.stateful_callbacks[STATE_KEY] = self.allocator.state_dict()
         if state.is_world_process_zero:
             logger.info("ALoRA: %d gated modules, budget %d ranks, rounds after steps %s, %d ranks per round",

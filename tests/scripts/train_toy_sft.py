@@ -1,0 +1,150 @@
+"""Train the offline toy world with TRL's SFTTrainer + ALoRACallback and dump what the run decided.
+
+Used by tests/test_distributed.py (run under torchrun and plainly) and by tests/test_resume.py
+(imported: ``build_trainer`` / ``collect`` / ``adapter_tensors``).
+
+    python tests/scripts/train_toy_sft.py OUT_DIR [--per-device-batch 8] [--grad-accum 1] [--max-steps 16]
+        [--save-steps N] [--resume-from CKPT] [--logging-steps 4] [--bf16]
+    torchrun --nproc_per_node 2 tests/scripts/train_toy_sft.py OUT_DIR --per-device-batch 4
+
+Every process writes ``OUT_DIR/result_rank{RANK}.json`` (world size, backend, rank_state, the
+allocation history without timings, the scores, the scoring batches, how many ranks it scored
+itself) and ``OUT_DIR/adapter_rank{RANK}.safetensors`` (the adapter's LoRA weights and gates, as
+that process holds them at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# run as a script from anywhere: make the repository importable
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import torch  # noqa: E402
+
+import peft_alora  # noqa: E402
+from peft_alora.callback import ALoRACallback  # noqa: E402
+from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer  # noqa: E402
+
+SEED = 3
+# history fields that must agree between runs (timings and fp-noisy values left out)
+DECISION_KEYS = ("round", "step", "pruned", "grown", "grown_slots", "active", "active_total")
+
+
+def alora_config(**overrides) -> "peft_alora.ALoRAConfig":
+    kwargs = dict(r=2, lora_alpha=4, target_modules="all-linear", allocation_start=4, allocation_end=12,
+                  allocation_rounds=3, scoring_examples=16, scoring_batch_size=8, lora_dropout=0.0)
+    kwargs.update(overrides)
+    return peft_alora.ALoRAConfig(**kwargs)
+
+
+def build_trainer(output_dir: str, per_device_batch: int = 8, grad_accum: int = 1, max_steps: int = 16,
+                  save_steps: int | None = None, tokenizer=None, alora: dict | None = None, **sft_overrides):
+    """A deterministic toy SFT run (fixed seeds, no dropout) with the ALoRA callback added.
+
+    fp32 unless ``bf16=True`` is passed: TRL's ``SFTConfig`` defaults to bf16 autocast, whose
+    rounding depends on the micro-batch shapes (batch 8 vs 2 x 4 then train measurably apart).
+    ``alora`` overrides fields of the ALoRAConfig. Returns ``(trainer, callback)``.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = tokenizer if tokenizer is not None else toy_tokenizer()
+    model = toy_llama(len(tokenizer), seed=0)
+    train = toy_dataset(160, seed=0)
+    dev = toy_dataset(32, seed=99)
+    sft = dict(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=grad_accum, learning_rate=5e-3, lr_scheduler_type="linear",
+        logging_steps=4, report_to=[], disable_tqdm=True, assistant_only_loss=True, max_length=64,
+        seed=SEED, use_cpu=True, bf16=False, dataloader_num_workers=0,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+    )
+    sft.update(sft_overrides)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**sft), train_dataset=train, eval_dataset=dev,
+                         processing_class=tokenizer, peft_config=alora_config(**(alora or {})))
+    callback = ALoRACallback(trainer)
+    trainer.add_callback(callback)
+    return trainer, callback
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's trainable LoRA weights and gates (CPU copies)."""
+    tensors = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "lora_" in name:
+            tensors[name] = tensor.detach().float().cpu().clone().contiguous()
+    return tensors
+
+
+def decisions(history: list[dict]) -> list[dict]:
+    """The decision part of an allocation history, JSON-normalised (sorted keys, lists)."""
+    return json.loads(json.dumps([{k: record[k] for k in DECISION_KEYS} for record in history], sort_keys=True))
+
+
+def collect(trainer, callback) -> dict:
+    model = trainer.model
+    return {
+        "world_size": trainer.args.world_size,
+        "num_processes": trainer.accelerator.num_processes,
+        "process_index": trainer.args.process_index,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "ddp_wrapped": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        "global_step": trainer.state.global_step,
+        "rank_state": model.base_model.rank_state(),
+        "history": decisions(callback.allocator.history),
+        "scores": [record.get("scores") for record in callback.allocator.history],
+        "scoring_batches": [b["input_ids"].tolist() for b in callback.allocator.scoring.batches],
+        "log_history": trainer.state.log_history,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--per-device-batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=16)
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--resume-from", default=None)
+    parser.add_argument("--logging-steps", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (SFTConfig's default)")
+    args = parser.parse_args(argv)
+
+    # count the ranks this process scores itself (distributed scoring splits them over the processes)
+    import peft_alora.scoring as scoring_module
+
+    scored_here = []
+    exact_scores = scoring_module.exact_scores
+
+    def counting_exact_scores(model, layers, adapter, scoring, ranks, *rest, **kwargs):
+        ranks = list(ranks)
+        scored_here.append(len(ranks))
+        return exact_scores(model, layers, adapter, scoring, ranks, *rest, **kwargs)
+
+    scoring_module.exact_scores = counting_exact_scores
+
+    trainer, callback = build_trainer(args.output_dir, args.per_device_batch, args.grad_accum, args.max_steps,
+                                      args.save_steps, logging_steps=args.logging_steps,
+                                      bf16=args.bf16)
+    trainer.train(resume_from_checkpoint=args.resume_from)
+    rank = trainer.args.process_index
+    result = collect(trainer, callback)
+    result["ranks_scored_here"] = scored_here
+    from safetensors.torch import save_file
+
+    save_file(adapter_tensors(trainer.model), os.path.join(args.output_dir, f"adapter_rank{rank}.safetensors"))
+    with open(os.path.join(args.output_dir, f"result_rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
