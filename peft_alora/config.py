@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
-from .registration import PEFT_TYPE_NAME
+from .registration import add_peft_type_member
 
 SCORERS = ("exact",)
 SUPPORTED_INITS = (True, False, "gaussian")
@@ -88,7 +88,8 @@ class ALoRAConfig(LoraConfig):
     def __post_init__(self):
         self._check_unsupported_lora_options()
         super().__post_init__()
-        self.peft_type = PEFT_TYPE_NAME
+        # the enum member, not its string: transformers' load_adapter reads `peft_type.value`
+        self.peft_type = add_peft_type_member()
         self._check_allocation_fields()
 
     def _check_unsupported_lora_options(self) -> None:

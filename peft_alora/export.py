@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -28,9 +28,14 @@ PEFT_MODEL_PREFIX = "base_model.model."
 def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The stock-LoRA state dict (checkpoint keys, no adapter name) and the rank of every module.
 
-    Entries that are not A/B/gate (``modules_to_save``, trained biases) are passed through.
+    Entries that are not A/B/gate (``modules_to_save``, trained biases) are passed through. Keys always
+    carry the ``base_model.model.`` prefix that ``PeftModel.from_pretrained`` expects, also when ``model``
+    is a transformers model with the adapter loaded (its own keys lack the prefix).
     """
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    is_peft_model = isinstance(model, PeftModel)
+    if not is_peft_model:  # transformers' load_adapter / add_adapter: keys lack the prefix
+        state = {PEFT_MODEL_PREFIX + k: v for k, v in state.items()}
     gate_keys = [k for k in state if k.endswith(GATE_SUFFIX)]
     if not gate_keys:
         raise ValueError(f"adapter {adapter_name!r} has no ALoRA gates: is this an ALoRA model?")
@@ -38,7 +43,7 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
     ranks: dict[str, int] = {}
     for gate_key in gate_keys:
         module_key = gate_key[: -len(GATE_SUFFIX)]
-        layer = model.get_submodule(module_key)
+        layer = model.get_submodule(module_key if is_peft_model else module_key.removeprefix(PEFT_MODEL_PREFIX))
         if not isinstance(layer, GatedLoraMixin):
             raise TypeError(f"{module_key} carries a lora_gate but is not a gated ALoRA layer")
         active = torch.nonzero(state[gate_key] > 0).flatten()

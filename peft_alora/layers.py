@@ -66,7 +66,8 @@ def fresh_a_row(in_features: int, init_lora_weights, r_init: int, generator=None
 class GatedLoraMixin:
     """Adds rank slots, the gate and the rank-state API to a PEFT LoRA layer class."""
 
-    other_param_names = LoraLayer.other_param_names + ("lora_gate", "r_init")
+    # per-adapter state besides LoRA's own; listed so that PEFT's delete_adapter removes it too
+    other_param_names = LoraLayer.other_param_names + ("lora_gate", "r_init", "init_lora_weights")
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
         return GatedVariant()
@@ -83,9 +84,15 @@ class GatedLoraMixin:
         self.r[adapter_name] = r_init
         self.r_init[adapter_name] = r_init
         self.init_lora_weights[adapter_name] = config.init_lora_weights
+        if config.init_lora_weights == "gaussian":
+            # PEFT drew A with std 1 / capacity; a rank-r LoRA (and every later fresh rank) uses 1 / r
+            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         denom = math.sqrt(r_init) if config.use_rslora else r_init
         self.scaling[adapter_name] = lora_alpha / denom
-        gate = torch.zeros(capacity, dtype=torch.float32, device=self.lora_A[adapter_name].weight.device)
+        # on the base layer's device, never on "meta" (low_cpu_mem_usage builds A and B there, and PEFT then
+        # moves every lora_* submodule without meta parameters: a meta buffer cannot be moved)
+        device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        gate = torch.zeros(capacity, dtype=torch.float32, device=device)
         gate[:r_init] = 1.0
         self.lora_gate[adapter_name] = gate
 

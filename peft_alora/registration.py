@@ -16,7 +16,7 @@ METHOD_NAME = PEFT_TYPE_NAME.lower()  # "allocating_lora"
 PREFIX = "lora_"
 
 
-def _add_peft_type_member() -> PeftType:
+def add_peft_type_member() -> PeftType:
     """Add ``PeftType.ALLOCATING_LORA`` (a ``str`` enum member) if it is not there yet."""
     if PEFT_TYPE_NAME in PeftType.__members__:
         return PeftType[PEFT_TYPE_NAME]
@@ -37,7 +37,7 @@ def register() -> PeftType:
     from .config import ALoRAConfig
     from .model import ALoRAModel
 
-    peft_type = _add_peft_type_member()
+    peft_type = add_peft_type_member()
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if registered is None:
         register_peft_method(name=METHOD_NAME, config_cls=ALoRAConfig, model_cls=ALoRAModel, prefix=PREFIX)

@@ -53,3 +53,71 @@ def load_quantized(path: str, bits: int):
 
 def random_batch(n: int = 4, length: int = 12, seed: int = 0):
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- helpers for the tuner / export / QLoRA tests -------------------------------------------
+
+BASE_KINDS = ("linear", "conv1d", "4bit", "8bit")  # nn.Linear (Llama), Conv1D (GPT-2), bnb 4-bit, bnb 8-bit
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A saved tiny GPT-2 (fp32), for AutoPeftModel loads of Conv1D models."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_gpt2(seed=0).save_pretrained(path)
+    return str(path)
+
+
+def load_base(kind: str, llama_dir: str, gpt2_dir: str):
+    """The base model of one kind, read from a saved folder (so ``base_model_name_or_path`` points at it)."""
+    if kind in ("linear", "conv1d"):
+        path = llama_dir if kind == "linear" else gpt2_dir
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if kind in ("4bit", "8bit"):
+        return load_quantized(llama_dir, int(kind[0]))
+    raise ValueError(kind)
+
+
+def alora_config(**overrides):
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    kwargs.update(overrides)
+    return peft_alora.ALoRAConfig(**kwargs)
+
+
+@torch.no_grad()
+def randomize_lora_b(model, std: float = 0.05, seed: int = 0, adapter: str | None = None):
+    """Give every lora_B (all slots) random values, so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".lora_B." in name and (adapter is None or f".{adapter}." in name):
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_ranks_unequal(model, adapter: str = "default", seed: int = 0):
+    """Move ranks by hand: first module -> rank 0, second -> r - 1, third -> r + 2 (fresh ranks with B set)."""
+    layers = dict(model.base_model.gated_layers(adapter))
+    names = sorted(layers)
+    generator = torch.Generator().manual_seed(seed)
+    first, second, third = (layers[n] for n in names[:3])
+    for slot in first.active_slots(adapter):
+        first.deactivate_slot(adapter, slot)
+    second.deactivate_slot(adapter, 1)
+    for slot in (first.r_init[adapter], first.r_init[adapter] + 1):
+        third.activate_slot(adapter, slot, generator=generator)
+        with torch.no_grad():  # a fresh rank has B = 0; give it weight so the slot matters
+            third.lora_B[adapter].weight[:, slot] = torch.randn(third.out_features, generator=generator) * 0.05
+    return {name: layers[name].num_active(adapter) for name in names}
+
+
+@torch.no_grad()
+def logits_of(model, input_ids):
+    return model(input_ids=input_ids).logits.float()
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one intra-op thread: on 2 busy cores, tiny models are ~100x slower with 2 OpenMP threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
