@@ -28,7 +28,7 @@ def main(out_dir: str) -> int:
 
     args = SFTConfig(
         output_dir=out_dir, max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
-        lr_scheduler_type="constant", logging_steps=10, save_strategy="no", report_to=[], seed=0,
+        lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], seed=0,
         assistant_only_loss=True, max_length=64, use_cpu=True, bf16=False,
     )
     alora = peft_alora.ALoRAConfig(

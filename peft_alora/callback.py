@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
 from .report import write_report
@@ -109,7 +109,7 @@ class ALoRACallback(TrainerCallback):
         if record is None:
             return
         state.stateful_callbacks[STATE_KEY] = self.allocator.state_dict()
-        self.trainer.log({
+        self._log(control, {
             "alora/round": record["round"],
             "alora/pruned": len(record["pruned"]),
             "alora/added": sum(record["grown"].values()),
@@ -119,9 +119,21 @@ class ALoRACallback(TrainerCallback):
             "alora/scoring_loss": record["scoring_loss"],
         })
 
+    def _log(self, control, metrics: dict) -> None:
+        """Log through the Trainer (console, TensorBoard, W&B...) without disturbing its own logging.
+
+        The base ``Trainer.log`` is called on purpose: TRL's override would attach and reset the
+        running training metrics (entropy, token accuracy) meant for the regular log. Logging also
+        clears ``control.should_log``, which would cancel the regular loss log of this very step.
+        """
+        should_log = control.should_log
+        Trainer.log(self.trainer, metrics)
+        control.should_log = should_log
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.allocator is None or not state.is_world_process_zero:
             return
         out_dir = self.report_dir or args.output_dir
-        self.report_paths = write_report(self.allocator.history, out_dir)
+        losses = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry and "step" in entry]
+        self.report_paths = write_report(self.allocator.history, out_dir, loss_curve=losses)
         logger.info("ALoRA allocation report written to %s", os.path.abspath(out_dir))

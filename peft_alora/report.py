@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["NO_LAYER", "split_module_name", "allocation_matrix", "write_report"]
 
@@ -98,14 +98,18 @@ def _summary(history: List[Mapping]) -> dict:
 
 
 def write_report(
-    history: List[Mapping], out_dir: Union[str, Path], title: str = "ALoRA allocation"
+    history: List[Mapping],
+    out_dir: Union[str, Path],
+    title: str = "ALoRA allocation",
+    loss_curve: Optional[Sequence[Tuple[int, float]]] = None,
 ) -> Dict[str, Path]:
     """Write ``alora_allocation.json`` and ``alora_allocation.png`` to ``out_dir``.
 
-    The JSON holds ``{"summary": {...}, "history": [...]}``. The PNG shows the
-    final allocation as a layer x type heatmap (left) and the total and
-    per-type active ranks over the rounds (right). Returns
-    ``{"json": path, "png": path}``. Raises ValueError for an empty history.
+    The JSON holds ``{"summary": {...}, "history": [...], "loss_curve": [...]}``. The PNG shows the
+    final allocation as a layer x type heatmap (left); on the right, the training loss over
+    optimizer steps with the rounds marked (or, without ``loss_curve``, the total active ranks)
+    and the per-type active ranks over the rounds. Returns ``{"json": path, "png": path}``.
+    Raises ValueError for an empty history.
     """
     if not history:
         raise ValueError("history is empty: it needs at least round 0 (the initial allocation)")
@@ -120,14 +124,15 @@ def write_report(
 
     summary = _summary(history)
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "history": list(history)}, f, indent=2)
+        json.dump({"summary": summary, "history": list(history),
+                   "loss_curve": [list(point) for point in loss_curve or []]}, f, indent=2)
         f.write("\n")
 
-    _draw(history, summary, png_path, title)
+    _draw(history, summary, png_path, title, list(loss_curve or []))
     return {"json": json_path, "png": png_path}
 
 
-def _draw(history: List[Mapping], summary: dict, path: Path, title: str) -> None:
+def _draw(history: List[Mapping], summary: dict, path: Path, title: str, loss_curve: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +151,7 @@ def _draw(history: List[Mapping], summary: dict, path: Path, title: str) -> None
     grid = fig.add_gridspec(2, 2, width_ratios=[max(1.0, 0.45 * n_cols), 5.0])
     ax_map = fig.add_subplot(grid[:, 0])
     ax_total = fig.add_subplot(grid[0, 1])
-    ax_types = fig.add_subplot(grid[1, 1], sharex=ax_total)
+    ax_types = fig.add_subplot(grid[1, 1], sharex=None if loss_curve else ax_total)
 
     # Left: final allocation heatmap.
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
@@ -170,17 +175,27 @@ def _draw(history: List[Mapping], summary: dict, path: Path, title: str) -> None
                 ax_map.text(j, i, str(value), ha="center", va="center", fontsize=font, color=color)
     fig.colorbar(image, ax=ax_map, label="active ranks", shrink=0.8)
 
-    # Right: totals over rounds.
+    # Right, top: the training loss with the rounds marked, or the total active ranks.
     rounds = [int(e.get("round", i)) for i, e in enumerate(history)]
-    totals = [_active_total(e) for e in history]
-    ax_total.plot(rounds, totals, marker="o", color="black", label="active total")
     budget = summary.get("budget")
-    if budget is not None:
-        ax_total.axhline(budget, linestyle="--", color="tab:red", label=f"budget ({budget})")
-    ax_total.set_ylabel("active ranks")
-    ax_total.set_title("active ranks over rounds")
-    ax_total.legend(loc="lower left", fontsize=8)
-    ax_total.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if loss_curve:
+        ax_total.plot([p[0] for p in loss_curve], [p[1] for p in loss_curve], color="black", label="training loss")
+        for k, entry in enumerate(history[1:]):
+            ax_total.axvline(entry.get("step", 0), color="tab:blue", alpha=0.4, linestyle="--",
+                             label="allocation round" if k == 0 else None)
+        ax_total.set_xlabel("optimizer step")
+        ax_total.set_ylabel("loss")
+        ax_total.set_title("training loss")
+        ax_total.legend(loc="upper right", fontsize=8)
+    else:
+        ax_total.plot(rounds, [_active_total(e) for e in history], marker="o", color="black", label="active total")
+        if budget is not None:
+            ax_total.axhline(budget, linestyle="--", color="tab:red", label=f"budget ({budget})")
+        ax_total.set_ylabel("active ranks")
+        ax_total.set_title("active ranks over rounds")
+        ax_total.legend(loc="lower left", fontsize=8)
+        ax_total.yaxis.set_major_locator(MaxNLocator(integer=True))
+        plt.setp(ax_total.get_xticklabels(), visible=False)
     ax_total.grid(alpha=0.3)
 
     per_round = [_type_totals(e["active"]) for e in history]
@@ -196,7 +211,6 @@ def _draw(history: List[Mapping], summary: dict, path: Path, title: str) -> None
     ax_types.set_xticklabels(
         [f"{r}\n({s})" if s is not None else str(r) for r, s in zip(rounds, steps)], fontsize=8
     )
-    plt.setp(ax_total.get_xticklabels(), visible=False)
 
     fig.suptitle(
         f"{title}: {summary['rounds']} rounds, "

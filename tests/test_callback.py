@@ -60,6 +60,7 @@ def assert_rounds_ran(trainer, callback):
     with open(os.path.join(trainer.args.output_dir, "alora_allocation.json")) as handle:
         report = json.load(handle)
     assert len(report["history"]) == 4
+    assert [step for step, _ in report["loss_curve"]] == [2, 4, 6, 8]  # logging_steps=2
     assert os.path.getsize(os.path.join(trainer.args.output_dir, "alora_allocation.png")) > 1000
     assert trainer.model.base_model.count_active_ranks() <= callback.allocator.budget
 

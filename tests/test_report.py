@@ -75,3 +75,16 @@ def test_write_report_files(tmp_path):
 def test_write_report_empty_history(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         write_report([], tmp_path)
+
+
+def test_write_report_with_loss_curve(tmp_path):
+    history = [
+        {"round": 0, "step": 0, "pruned": [], "grown": {}, "active": {"model.layers.0.q_proj": 2}, "active_total": 2,
+         "budget": 2, "trainable_params": 10, "scoring_seconds": 0.0},
+        {"round": 1, "step": 4, "pruned": [["model.layers.0.q_proj", 1]], "grown": {}, "active":
+         {"model.layers.0.q_proj": 1}, "active_total": 1, "budget": 2, "trainable_params": 5, "scoring_seconds": 0.5},
+    ]
+    paths = write_report(history, tmp_path, loss_curve=[(2, 3.5), (4, 3.1), (6, 2.9)])
+    data = json.loads(paths["json"].read_text())
+    assert data["loss_curve"] == [[2, 3.5], [4, 3.1], [6, 2.9]]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
