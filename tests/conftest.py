@@ -121,3 +121,16 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def train_steps(model, input_ids, optimizer, steps: int) -> list:
+    """A few plain language-modelling steps on one batch; returns the losses."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

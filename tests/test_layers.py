@@ -19,6 +19,7 @@ from conftest import (
     make_tiny_llama,
     random_batch,
     randomize_lora_b,
+    train_steps,
 )
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from peft import PeftModel, get_peft_model
@@ -358,15 +359,8 @@ def test_training_changes_only_adapter_parameters(build, kind):
     adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert adapter and all(".lora_A." in n or ".lora_B." in n for n in adapter)
 
-    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x, optimizer, 4)
     assert losses[-1] < losses[0]
 
     state = model.state_dict()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import alora_config, make_ranks_unequal, random_batch
+from conftest import alora_config, make_ranks_unequal, random_batch, train_steps
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -44,16 +44,9 @@ def test_qlora_trains_only_the_adapter(quant, tiny_llama_dir):
     assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
     gates = {n: layer.lora_gate["default"].clone() for n, layer in layers.items()}
 
-    model.train()
     # no weight decay: it would shrink the unused weights of the rank-0 module, which the check below counts
     optimizer = torch.optim.AdamW(list(model.parameters()), lr=2e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x, optimizer, 6)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.05, losses
 
