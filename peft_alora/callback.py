@@ -8,6 +8,7 @@ gives its callbacks neither itself nor, unless it evaluates, any eval data.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Optional
@@ -18,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator
 from .report import write_report
-from .scoring import ScoringSet
+from .scoring import NO_SCORING_DATA, ScoringSet
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ def _prepared(trainer, dataset):
 
 
 def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: int) -> ScoringSet:
-    """Draw ``n_examples`` once (seeded) and collate them with the trainer's own collator."""
+    """Draw ``n_examples`` once (seeded) and collate them with the trainer's own collator.
+
+    A map-style dataset is sampled with a generator seeded by ``seed``; a streaming (iterable)
+    dataset gives its first ``n_examples``.
+    """
     if dataset is None:
         dataset = trainer.eval_dataset
         if isinstance(dataset, dict):
@@ -46,19 +51,21 @@ def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: 
             dataset = dataset[name]
     else:
         dataset = _prepared(trainer, dataset)
-    if dataset is None or len(dataset) == 0:
-        ScoringSet([])  # raises the explanatory error
-    generator = torch.Generator().manual_seed(seed)
-    n = min(n_examples, len(dataset))
-    indices = sorted(torch.randperm(len(dataset), generator=generator)[:n].tolist())
+    if dataset is None:
+        raise ValueError(NO_SCORING_DATA)
     collator = trainer.data_collator
-    if hasattr(dataset, "select"):
-        subset = dataset.select(indices)
-        subset = trainer._remove_unused_columns(subset, description="ALoRA scoring")
-        examples = [subset[i] for i in range(len(subset))]
-    else:
-        examples = [dataset[i] for i in indices]
+    if not hasattr(dataset, "__len__"):  # streaming
+        examples = list(itertools.islice(dataset, n_examples))
         collator = trainer._get_collator_with_removed_columns(collator, description="ALoRA scoring")
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        indices = sorted(torch.randperm(len(dataset), generator=generator)[:n_examples].tolist())
+        if hasattr(dataset, "select"):  # datasets.Dataset: drop the columns the model does not take
+            subset = trainer._remove_unused_columns(dataset.select(indices), description="ALoRA scoring")
+            examples = [subset[i] for i in range(len(subset))]
+        else:
+            examples = [dataset[i] for i in indices]
+            collator = trainer._get_collator_with_removed_columns(collator, description="ALoRA scoring")
     return ScoringSet([collator(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)])
 
 

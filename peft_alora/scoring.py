@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from .allocation import Rank
 
 IGNORE_INDEX = -100
+NO_SCORING_DATA = (
+    "ALoRA has no scoring data: give the trainer an eval_dataset, or pass scoring_dataset= to "
+    "ALoRACallback / scoring batches to RankAllocator."
+)
 
 
 @dataclass
@@ -28,10 +32,7 @@ class ScoringSet:
 
     def __post_init__(self):
         if not self.batches:
-            raise ValueError(
-                "ALoRA has no scoring data: give the trainer an eval_dataset, or pass scoring_dataset= to "
-                "ALoRACallback / scoring batches to RankAllocator."
-            )
+            raise ValueError(NO_SCORING_DATA)
         for i, batch in enumerate(self.batches):
             if "labels" not in batch:
                 raise ValueError(f"scoring batch {i} has no 'labels': the collator must produce training labels.")

@@ -118,12 +118,14 @@ def test_plain_transformers_trainer(tmp_path):
     assert_rounds_ran(trainer, callback)
 
 
-def test_explicit_raw_scoring_dataset_is_prepared_like_training(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_explicit_raw_scoring_dataset_is_prepared_like_training(tmp_path, streaming):
     model = toy_llama(len(TOKENIZER))
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path, assistant_only_loss=True, max_steps=3),
                          train_dataset=toy_dataset(16, seed=0), processing_class=TOKENIZER,
                          peft_config=alora_config(allocation_start=2, allocation_rounds=1, allocation_interval=None))
-    callback = ALoRACallback(trainer, scoring_dataset=toy_dataset(6, seed=5))  # raw conversations
+    raw = toy_dataset(6, seed=5)  # raw conversations
+    callback = ALoRACallback(trainer, scoring_dataset=raw.to_iterable_dataset() if streaming else raw)
     trainer.add_callback(callback)
     trainer.train()
     assert sum(len(b["input_ids"]) for b in callback.allocator.scoring.batches) == 6
