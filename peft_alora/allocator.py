@@ -58,7 +58,10 @@ def _unwrap_tuner(model) -> ALoRAModel:
         return model
     if isinstance(tuner, ALoRAModel):
         return tuner
-    raise TypeError(f"expected a PeftModel with an ALoRA adapter, got {type(model).__name__}")
+    raise TypeError(
+        f"ALoRA allocation needs a model wrapped with ALoRAConfig (get_peft_model or SFTTrainer's peft_config); "
+        f"got {type(model).__name__} holding {type(tuner).__name__ if tuner is not None else 'no PEFT adapter'}."
+    )
 
 
 class RankAllocator:

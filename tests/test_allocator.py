@@ -151,3 +151,12 @@ def test_schedule_from_steps_and_fractions():
 def test_schedule_that_does_not_fit_the_run_is_a_clear_error(cfg, total, match):
     with pytest.raises(ValueError, match=match):
         resolve_schedule(cfg, total)
+
+
+def test_a_model_without_alora_adapter_is_a_clear_error():
+    from peft import LoraConfig
+
+    model = get_peft_model(make_tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    ids = random_batch()
+    with pytest.raises(TypeError, match="ALoRAConfig.*LoraModel"):
+        RankAllocator(model, ScoringSet([{"input_ids": ids, "labels": ids}]), total_steps=10)
