@@ -185,8 +185,8 @@ class RankAllocator:
         grown = []
         for module in sorted(plan.grown):
             layer = self.layers[module]
-            free = [s for s in range(layer.capacity(self.adapter))
-                    if s not in layer.active_slots(self.adapter) and (module, s) not in pruned]
+            active = set(layer.active_slots(self.adapter))
+            free = [s for s in range(layer.capacity(self.adapter)) if s not in active and (module, s) not in pruned]
             for slot in free[: plan.grown[module]]:
                 layer.activate_slot(self.adapter, slot, generator=generator)
                 reset_slots(optimizer, layer, self.adapter, slot)
