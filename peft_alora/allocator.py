@@ -16,13 +16,10 @@ import torch
 from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
 from .model import ALoRAModel
 from .optim_state import reset_slots
-from .scoring import ScoringSet, distributed_exact_scores, scoring_loss
+from .report import split_module_name
+from .scoring import ScoringSet, distributed_exact_scores, eval_mode, scoring_loss
 
 STATE_VERSION = 1
-
-
-def module_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
 
 
 def resolve_schedule(config, total_steps: int) -> list[int]:
@@ -92,7 +89,7 @@ class RankAllocator:
         self.scoring = scoring
         self.total_steps = total_steps
         self.schedule = resolve_schedule(self.config, total_steps)
-        self.ranks_per_round = self.config.ranks_per_round or len({module_type(n) for n in self.layers})
+        self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})
         self.budget = self.config.r * len(self.layers)
         self.seed = seed
         self.autocast = autocast
@@ -165,11 +162,8 @@ class RankAllocator:
         capacity = {name: layer.capacity(self.adapter) for name, layer in self.layers.items()}
         plan = plan_round(scores, active, capacity, min(self.ranks_per_round, len(scores)))
         grown_slots = self.apply(plan, optimizer, round_index=self.rounds_done + 1)
-        with torch.no_grad():
-            was_training = self.model.training
-            self.model.eval()
+        with eval_mode(self.model):
             loss = scoring_loss(self.model, self.scoring, self.autocast)
-            self.model.train(was_training)
         record = self._record(self.rounds_done + 1, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
         self.history.append(record)

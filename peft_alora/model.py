@@ -52,25 +52,28 @@ class ALoRAModel(LoraModel):
 
     # ---- rank-state API ---------------------------------------------------------------------
 
+    def _adapter(self, adapter_name: str | None) -> str:
+        return adapter_name or self.active_adapters[0]
+
     def gated_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, GatedLoraMixin]]:
         """``(module name, layer)`` for every gated layer holding ``adapter_name`` (default: active)."""
-        adapter = adapter_name or self.active_adapters[0]
+        adapter = self._adapter(adapter_name)
         for name, module in self.model.named_modules():
             if isinstance(module, GatedLoraMixin) and adapter in module.lora_gate:
                 yield name, module
 
     def rank_state(self, adapter_name: str | None = None) -> dict[str, list[int]]:
         """Active slot indices of every gated module."""
-        adapter = adapter_name or self.active_adapters[0]
+        adapter = self._adapter(adapter_name)
         return {name: layer.active_slots(adapter) for name, layer in self.gated_layers(adapter)}
 
     def count_active_ranks(self, adapter_name: str | None = None) -> int:
-        adapter = adapter_name or self.active_adapters[0]
+        adapter = self._adapter(adapter_name)
         return sum(layer.num_active(adapter) for _, layer in self.gated_layers(adapter))
 
     def count_active_parameters(self, adapter_name: str | None = None) -> int:
         """Trainable LoRA parameters in active slots (what a compacted adapter holds, biases aside)."""
-        adapter = adapter_name or self.active_adapters[0]
+        adapter = self._adapter(adapter_name)
         return sum(layer.active_parameter_count(adapter) for _, layer in self.gated_layers(adapter))
 
     def get_gated_layer(self, module_name: str) -> GatedLoraMixin:

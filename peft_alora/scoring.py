@@ -51,6 +51,17 @@ def trained_token_count(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off while scoring; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _to_device(batch: Mapping, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -108,21 +119,19 @@ def exact_scores(
 ) -> dict[Rank, float]:
     """Exact AB-LoRA score of each of ``ranks``: 2 scoring passes per rank (reference scorer)."""
     editor = GateEditor(layers, adapter)
-    was_training = model.training
-    model.eval()
     scores: dict[Rank, float] = {}
     try:
-        for rank in (progress(ranks) if progress else ranks):
-            module, slot = rank
-            editor.restore()
-            editor.gate(module)[slot] = 0.0
-            without = scoring_loss(model, scoring, autocast)
-            editor.only(rank)
-            only = scoring_loss(model, scoring, autocast)
-            scores[rank] = without - only
+        with eval_mode(model):
+            for rank in (progress(ranks) if progress else ranks):
+                module, slot = rank
+                editor.restore()
+                editor.gate(module)[slot] = 0.0
+                without = scoring_loss(model, scoring, autocast)
+                editor.only(rank)
+                only = scoring_loss(model, scoring, autocast)
+                scores[rank] = without - only
     finally:
         editor.restore()
-        model.train(was_training)
     return scores
 
 
