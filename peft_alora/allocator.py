@@ -17,7 +17,7 @@ from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
 from .model import ALoRAModel
 from .optim_state import reset_slots
 from .report import split_module_name
-from .scoring import ScoringSet, distributed_exact_scores, eval_mode, scoring_loss
+from .scoring import SCORERS, ScoringSet, eval_mode, scoring_loss
 
 STATE_VERSION = 1
 
@@ -151,8 +151,8 @@ class RankAllocator:
     def score(self) -> dict:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
-        return distributed_exact_scores(self.model, self.layers, self.adapter, self.scoring, ranks,
-                                        self.autocast, self.progress)
+        scorer = SCORERS[self.config.scorer]
+        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, self.autocast, self.progress)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         started = time.perf_counter()

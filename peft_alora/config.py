@@ -66,10 +66,10 @@ class ALoRAConfig(LoraConfig):
         default=None, metadata={"help": "Rank slots per module (capacity). Default: 2 * r."}
     )
     allocation_start: StepOrFraction = field(
-        default=0.3, metadata={"help": "Optimizer step (int) or fraction of the run (float) of the first round."}
+        default=0.1, metadata={"help": "Optimizer step (int) or fraction of the run (float) of the first round."}
     )
     allocation_end: Optional[StepOrFraction] = field(
-        default=0.9,
+        default=0.4,
         metadata={"help": "Step or fraction of the last round; rounds are spread evenly from start to end."},
     )
     allocation_interval: Optional[StepOrFraction] = field(

@@ -18,7 +18,7 @@ def test_defaults():
     assert config.max_r == 16
     assert ALoRAConfig(r=3).max_r == 6
     assert ALoRAConfig(r=3, max_r=3).max_r == 3
-    assert (config.allocation_start, config.allocation_end, config.allocation_interval) == (0.3, 0.9, None)
+    assert (config.allocation_start, config.allocation_end, config.allocation_interval) == (0.1, 0.4, None)
     assert config.allocation_rounds == 8
     assert config.ranks_per_round is None
     assert (config.scoring_examples, config.scoring_batch_size) == (32, 8)

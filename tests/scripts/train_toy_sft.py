@@ -120,7 +120,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # count the ranks this process scores itself (distributed scoring splits them over the processes)
-    import peft_alora.scoring as scoring_module
+    import peft_alora.scoring.exact as scoring_module
 
     scored_here = []
     exact_scores = scoring_module.exact_scores
