@@ -149,7 +149,8 @@ class RankAllocator:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
-        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config)
+        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config,
+                      n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         started = time.perf_counter()

@@ -13,10 +13,27 @@ from transformers.pytorch_utils import Conv1D
 from .layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, GatedLoraMixin
 
 
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes (0.50) from repacking CPU 4-bit weights for inference.
+
+    It repacks on the first eval-mode forward without gradients (an evaluation, an exact scoring
+    pass), and the repacked kernel has no backward: every later gradient through that layer's input
+    is silently lost (seen: all q_proj gate gradients 0, training included). Targeted or not, every
+    4-bit layer of the model keeps its trainable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class ALoRAModel(LoraModel):
     """Injects :class:`GatedLinear` (and its 4-bit / 8-bit twins) instead of LoRA's layers."""
 
     prefix: str = "lora_"
+
+    def inject_adapter(self, model, *args, **kwargs):
+        super().inject_adapter(model, *args, **kwargs)
+        keep_4bit_layers_differentiable(model)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
