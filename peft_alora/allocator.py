@@ -6,7 +6,6 @@ Works with any training loop: call :meth:`RankAllocator.step` after every optimi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -110,7 +109,6 @@ class RankAllocator:
         total_steps: int,
         adapter_name: Optional[str] = None,
         seed: int = 0,
-        autocast: Callable = contextlib.nullcontext,
         progress: Optional[Callable] = None,
     ):
         self.model = model
@@ -137,7 +135,6 @@ class RankAllocator:
             )
         self.budget = self.budget_initial
         self.seed = seed
-        self.autocast = autocast
         self.progress = progress
         self.rounds_done = 0
         self.history: list[dict] = [self._record(round_index=0, step=0, plan=RoundPlan(), seconds=0.0)]
@@ -171,6 +168,7 @@ class RankAllocator:
             "r": config.r, "max_r": config.capacity, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
             "ranks_per_round": self.ranks_per_round, "scoring_examples": config.scoring_examples,
             "scoring_batch_size": config.scoring_batch_size, "scorer": config.scorer,
+            "scoring_refine": config.scoring_refine,
             "allocation_start": config.allocation_start, "allocation_end": config.allocation_end,
             "allocation_interval": config.allocation_interval, "allocation_rounds": config.allocation_rounds,
             "init_lora_weights": config.init_lora_weights, "modules": sorted(self.layers), "seed": self.seed,
@@ -251,7 +249,7 @@ class RankAllocator:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
-        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, self.autocast, self.progress)
+        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         self.check_ready()
@@ -275,7 +273,7 @@ class RankAllocator:
             self.budget = budget
         grown_slots = self.apply(plan, optimizer, round_index=round_index)
         with eval_mode(self.model):
-            loss = scoring_loss(self.model, self.scoring, self.autocast)
+            loss = scoring_loss(self.model, self.scoring)
         self.rounds_done = round_index
         record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
