@@ -86,14 +86,14 @@ class ALoRAConfig(LoraConfig):
     scoring_examples: int = field(default=32, metadata={"help": "Size of the fixed scoring set (paper: 32)."})
     scoring_batch_size: int = field(default=8, metadata={"help": "Micro-batch size of the scoring forward passes."})
     scorer: str = field(
-        default="exact",
-        metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from two gradient "
-                          "passes, 'exact' runs 2 scoring passes per rank (the reference)."},
+        default="fast",
+        metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from gradient "
+                          "passes (first order), 'exact' runs 2 scoring passes per rank (the reference)."},
     )
     scoring_refine: int = field(
         default=0,
-        metadata={"help": "With scorer='fast': re-score this many of the lowest estimates exactly "
-                          "(2 scoring passes each)."},
+        metadata={"help": "With scorer='fast': at most this many ranks whose estimate could reach the pruning "
+                          "threshold are re-scored exactly (2 scoring passes each). 0: first order only."},
     )
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""The exact AB-LoRA score (ALGORITHM.md §3), the reference every fast scorer is measured against.
+"""The exact AB-LoRA score (docs/algorithm.md §3), the reference every fast scorer is measured against.
 
     score(rho) = CE(model without rho) - CE(base model plus only rho)
 
