@@ -143,3 +143,30 @@ def test_tiny_run_export_equals_native_adapter(alora_sft_run, toy_chat_llama_dir
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_runs_two_ddp_processes(toy_chat_llama_dir, tmp_path):
+    """`accelerate launch` with the shipped DDP config and `-m peft_alora.cli`: 2 CPU processes (gloo)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes/accelerate_configs/ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(port), "-m", "peft_alora.cli", "--config", CPU_RECIPE,
+               "--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(out), "--max_steps", "2",
+               "--per_device_train_batch_size", "2", "--max_length", "48", "--lora_r", "2", "--max_r", "4",
+               "--allocation_rounds", "1", "--allocation_start", "1", "--scoring_examples", "2",
+               "--scoring_batch_size", "2", "--metric_examples", "2", "--show_generations", "0", "--max_new_tokens",
+               "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "alora_summary.json").read_text())
+    assert summary["optimizer_steps"] == 2 and summary["adapter"]["rounds"] == 1
+    assert summary["processes"] == 2
