@@ -30,6 +30,11 @@ def _model_link(name: str) -> str:
     return f"`{name}`"
 
 
+def _weights_note(summary: dict) -> str:
+    note = summary.get("base_weights")
+    return f"\n\nBase weights used in training: {note}." if note else ""
+
+
 def _results_table(summary: dict) -> str:
     before, after = summary["before"], summary["after"]
     rows = ["| metric | before training | after training |", "| --- | --- | --- |",
@@ -72,7 +77,7 @@ An ALoRA (Allocating LoRA) adapter of {_model_link(base)}, fine-tuned with `alor
 on {summary.get('dataset')} ({summary.get('train_examples')}
 training examples, {summary.get('optimizer_steps')} optimizer steps). During training, ALoRA scored every LoRA rank,
 pruned the weakest across the model and regrew ranks where they were needed
-({ranks['rounds']} rounds), so modules end with different ranks.
+({ranks['rounds']} rounds), so modules end with different ranks.{_weights_note(summary)}
 
 ![allocation of ranks (layer x module type) and training loss](alora_allocation.png)
 

@@ -201,7 +201,7 @@ def alora_sft_run(toy_chat_llama_dir, tmp_path_factory):
                 "--config", "recipes/SmolLM2-135M-Instruct/alora_cpu.yaml", "--model_name_or_path",
                 toy_chat_llama_dir, "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size",
                 "4", "--max_length", "64", "--lora_r", "2", "--max_r", "4", "--allocation_rounds", "2",
-                "--scoring_examples", "4", "--scoring_batch_size", "4", "--metric_examples", "8",
+                "--scoring_examples", "4", "--scoring_batch_size", "4",
                 "--show_generations", "2", "--max_new_tokens", "6", "--logging_steps", "1", "--disable_tqdm", "true",
                 "--push_to_hub", "true", "--hub_model_id", TINY_RUN_REPO]))
     finally:

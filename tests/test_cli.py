@@ -13,7 +13,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peft_alora import ALoRAConfig
 from peft_alora.cli import parse_args
 from peft_alora.cli.args import DEFAULT_RECIPE
 from peft_alora.cli.sft import main
@@ -34,8 +33,8 @@ def test_no_arguments_is_the_real_model_default():
     assert model.model_name_or_path is None and script.dataset_name is None  # packaged SmolLM2, shipped data
     config = alora.to_config(model)
     assert config.target_modules == "all-linear" and (config.r, config.max_r) == (8, 16)
-    assert config.scorer == ALoRAConfig().scorer  # no scorer hard-coded: the config's default
-    assert training.use_cpu and training.max_steps == 40 and not training.load_best_model_at_end
+    assert config.scorer == "fast"  # the exact scorer costs hours per round on SmolLM2 on a CPU
+    assert training.use_cpu and training.max_steps == 30 and not training.load_best_model_at_end
     assert evals.task_metric == "exact_match" and evals.show_generations > 0
 
 
@@ -115,8 +114,9 @@ def test_tiny_run_reports_before_after_and_active_ranks(alora_sft_run, tiny_expo
     summary, out, _ = alora_sft_run
     for when in ("before", "after"):
         assert summary[when]["eval_loss"] > 0 and 0.0 <= summary[when]["exact_match"] <= 1.0
-        assert summary[when]["exact_match_examples"] == 8
+        assert summary[when]["exact_match_examples"] == 80  # the whole eval split
         assert [g["reference"] for g in summary[when]["generations"]] == ["2003-05-29", "2071-02-23"]
+        assert all(g["exact_match"] == (g["reply"].strip() == g["reference"]) for g in summary[when]["generations"])
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     ranks = summary["adapter"]
     assert ranks["rounds"] == 2 and summary["optimizer_steps"] == 6
@@ -162,7 +162,7 @@ def test_accelerate_launch_runs_two_ddp_processes(toy_chat_llama_dir, tmp_path):
                "--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(out), "--max_steps", "2",
                "--per_device_train_batch_size", "2", "--max_length", "48", "--lora_r", "2", "--max_r", "4",
                "--allocation_rounds", "1", "--allocation_start", "1", "--scoring_examples", "2",
-               "--scoring_batch_size", "2", "--metric_examples", "2", "--show_generations", "0", "--max_new_tokens",
+               "--scoring_batch_size", "2", "--show_generations", "0", "--max_new_tokens",
                "2", "--logging_steps", "1", "--disable_tqdm", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
@@ -170,3 +170,40 @@ def test_accelerate_launch_runs_two_ddp_processes(toy_chat_llama_dir, tmp_path):
     summary = json.loads((out / "alora_summary.json").read_text())
     assert summary["optimizer_steps"] == 2 and summary["adapter"]["rounds"] == 1
     assert summary["processes"] == 2
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts, at every position, a fixed token per row: the row's answer token or a wrong one."""
+
+    def __init__(self, next_tokens):
+        super().__init__()
+        self.next_tokens = next_tokens
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.full((*input_ids.shape, 10), -5.0)
+        logits.scatter_(2, self.next_tokens.unsqueeze(-1), 5.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_exact_match_needs_every_answer_token_and_ignores_the_prompt():
+    from types import SimpleNamespace
+
+    from peft_alora.cli.evaluation import loss_and_exact_match
+
+    # rows: [prompt 7, prompt 8, answer 3, answer 3]; the label of position t is predicted at position t - 1
+    input_ids = torch.tensor([[7, 8, 3, 3], [7, 8, 3, 3], [7, 8, 3, 3]])
+    labels = torch.tensor([[-100, -100, 3, 3], [-100, -100, 3, 3], [-100, -100, 3, 4]])
+    # row 0 right on every answer token (wrong on the prompt, which does not count); rows 1 and 2 miss one each
+    predicted = torch.tensor([[9, 3, 3, 0], [9, 3, 1, 0], [1, 3, 3, 0]])
+    model = _Oracle(predicted)
+    trainer = SimpleNamespace(
+        model=model, args=SimpleNamespace(disable_tqdm=True), is_local_process_zero=lambda: True,
+        get_eval_dataloader=lambda: [{"input_ids": input_ids, "labels": labels}], _prepare_inputs=lambda b: b,
+        accelerator=SimpleNamespace(gather_for_metrics=lambda t: t))
+    result = loss_and_exact_match(trainer, desc="test")
+    assert result["exact_match"] == pytest.approx(1 / 3) and result["exact_match_examples"] == 3
+    log_softmax = torch.log_softmax(torch.tensor([5.0] + [-5.0] * 9), 0)
+    expected_loss = -(4 * log_softmax[0] + 2 * log_softmax[1]) / 6  # 4 answer tokens right, 2 wrong
+    assert result["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert model.training  # train mode restored

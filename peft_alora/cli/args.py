@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..config import SCORERS, ALoRAConfig
+from .evaluation import TASK_METRICS
 
 DEFAULT_RECIPE = Path(__file__).parent / "default.yaml"
-TASK_METRICS = ("exact_match",)
 
 
 def _number(value: str):
@@ -68,16 +68,16 @@ class EvalArguments:
     """What the run measures before and after training, besides the eval loss."""
 
     task_metric: Optional[str] = field(
-        default=None, metadata={"help": f"Generate answers to eval prompts and score them: one of {TASK_METRICS}."})
-    metric_examples: int = field(default=64, metadata={"help": "Eval examples the task metric generates for."})
-    show_generations: int = field(default=0, metadata={"help": "Eval prompts whose replies are logged before and "
-                                                               "after training."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Generation length for the metric and the samples."})
+        default=None, metadata={"help": f"Score the eval split's answers, one of {TASK_METRICS} (greedy exact match, "
+                                        "by teacher forcing, in the same pass as the eval loss)."})
+    show_generations: int = field(default=0, metadata={"help": "Eval prompts whose greedy replies are shown and "
+                                                               "kept in the summary, before and after training."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Generation length of the shown replies."})
 
     def __post_init__(self):
         if self.task_metric is not None and self.task_metric not in TASK_METRICS:
             raise ValueError(f"task_metric={self.task_metric!r}: choose one of {TASK_METRICS} or leave it unset.")
-        for name in ("metric_examples", "show_generations", "max_new_tokens"):
+        for name in ("show_generations", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "max_new_tokens" and value == 0):
                 raise ValueError(f"{name}={value!r}: must be a non-negative integer (max_new_tokens: positive).")

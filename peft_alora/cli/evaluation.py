@@ -1,19 +1,48 @@
-"""What the run measures on eval prompts: greedy replies, the task metric, a few shown generations.
+"""What the run measures on the eval split: loss, the task metric, a few shown generations.
 
-A row is TRL's prompt-completion format (``prompt``/``completion``, as messages or as text) or
-the conversational ``messages`` format, whose last message is the reference answer.
+The task metric ``exact_match`` is greedy exact match computed by teacher forcing: a reply
+decoded greedily equals the reference (and then ends) exactly when, given the reference's own
+prefix, every reference token, end-of-turn included, is the model's top-1 prediction. So one
+forward pass over the eval split gives both the loss and the metric, at the cost of the Trainer's
+own evaluation, where generating every reply would cost a prefill plus one pass per new token.
+(A reply that spells the reference with other tokens counts as a miss: the metric is a lower bound.)
 """
 
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.iso_dates import exact_match
 
-TASK_METRICS: dict[str, Callable[[str, str], bool]] = {"exact_match": exact_match}
+IGNORE_INDEX = -100
+TASK_METRICS = ("exact_match",)
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@torch.no_grad()
+def loss_and_exact_match(trainer, desc: str) -> dict:
+    """Eval loss (mean over completion tokens) and greedy exact match over the trainer's eval split."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    per_row = []
+    try:
+        for batch in tqdm(trainer.get_eval_dataloader(), desc=desc, leave=False,
+                          disable=not trainer.is_local_process_zero() or trainer.args.disable_tqdm):
+            batch = trainer._prepare_inputs(batch)
+            logits = model(**{k: batch[k] for k in _MODEL_INPUTS if k in batch}).logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            mask = target != IGNORE_INDEX
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+            hit = (logits.argmax(-1) == target) | ~mask
+            row = torch.stack([(nll * mask).sum(1), mask.sum(1).float(), hit.all(1).float()], dim=1)
+            per_row.append(trainer.accelerator.gather_for_metrics(row[mask.any(1)]))
+    finally:
+        model.train(was_training)
+    rows = torch.cat(per_row)
+    return {"eval_loss": (rows[:, 0].sum() / rows[:, 1].sum()).item(), "exact_match": rows[:, 2].mean().item(),
+            "exact_match_examples": len(rows)}
 
 
 def split_row(row: dict) -> tuple:
@@ -24,9 +53,8 @@ def split_row(row: dict) -> tuple:
     if "messages" in row and row["messages"] and row["messages"][-1]["role"] == "assistant":
         return row["messages"][:-1], row["messages"][-1]["content"]
     raise ValueError(
-        f"eval rows with columns {sorted(row)} cannot be split into prompt and reference answer: the task metric "
-        "and the shown generations need 'prompt'/'completion' or 'messages' ending with the assistant's answer "
-        "(or leave task_metric unset and show_generations at 0)."
+        f"eval rows with columns {sorted(row)} cannot be split into prompt and reference answer: shown generations "
+        "need 'prompt'/'completion' or 'messages' ending with the assistant's answer (or set show_generations 0)."
     )
 
 
@@ -37,44 +65,27 @@ def _render(tokenizer, prompt) -> str:
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16,
-                     desc: str = "generating") -> list[str]:
-    """Greedy replies, left-padded batches; the model's train/eval mode is restored after."""
+def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int, desc: str = "generating") -> list[str]:
+    """Greedy replies in one left-padded batch; the model's train/eval mode is restored after."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    replies = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            texts = [_render(tokenizer, p) for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                 use_cache=True)
-            replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        batch = tokenizer([_render(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(next(model.parameters()).device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                             use_cache=True)
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return replies
 
 
-def evaluate_generations(model, tokenizer, dataset, metric: Optional[str], n_metric: int, n_show: int,
-                         max_new_tokens: int, desc: str) -> dict:
-    """``{"<metric>": score, "generations": [...]}`` on the first eval rows (as many as either needs)."""
-    n = min(len(dataset), max(n_metric if metric else 0, n_show))
-    if n == 0:
-        return {}
-    rows = [split_row(dataset[i]) for i in range(n)]
-    replies = generate_replies(model, tokenizer, [p for p, _ in rows], max_new_tokens, desc=desc)
-    result = {}
-    if metric:
-        checks = [TASK_METRICS[metric](reply, ref) for reply, (_, ref) in zip(replies[:n_metric], rows[:n_metric])]
-        result[metric] = sum(checks) / len(checks)
-        result[f"{metric}_examples"] = len(checks)
-    if n_show:
-        result["generations"] = [{"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                                  "reference": ref, "reply": reply}
-                                 for (prompt, ref), reply in zip(rows[:n_show], replies[:n_show])]
-    return result
+def shown_generations(model, tokenizer, dataset, n: int, max_new_tokens: int) -> list[dict]:
+    """Replies to the first ``n`` eval prompts, with the reference and whether they match it exactly."""
+    rows = [split_row(dataset[i]) for i in range(min(n, len(dataset)))]
+    replies = generate_replies(model, tokenizer, [p for p, _ in rows], max_new_tokens)
+    return [{"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"], "reference": ref,
+             "reply": reply, "exact_match": exact_match(reply, ref)} for (prompt, ref), reply in zip(rows, replies)]

