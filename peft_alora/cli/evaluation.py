@@ -31,12 +31,16 @@ def loss_and_exact_match(trainer, desc: str) -> dict:
         for batch in tqdm(trainer.get_eval_dataloader(), desc=desc, leave=False,
                           disable=not trainer.is_local_process_zero() or trainer.args.disable_tqdm):
             batch = trainer._prepare_inputs(batch)
-            logits = model(**{k: batch[k] for k in _MODEL_INPUTS if k in batch}).logits[:, :-1].float()
+            logits = model(**{k: batch[k] for k in _MODEL_INPUTS if k in batch}).logits[:, :-1]
             target = batch["labels"][:, 1:]
             mask = target != IGNORE_INDEX
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-            hit = (logits.argmax(-1) == target) | ~mask
-            row = torch.stack([(nll * mask).sum(1), mask.sum(1).float(), hit.all(1).float()], dim=1)
+            answer_logits, answer_target = logits[mask].float(), target[mask]  # answer positions only
+            rows_of = mask.nonzero()[:, 0]
+            nll = torch.nn.functional.cross_entropy(answer_logits, answer_target, reduction="none")
+            miss = (answer_logits.argmax(-1) != answer_target).float()
+            zeros = torch.zeros(len(target), device=nll.device)
+            row = torch.stack([zeros.index_add(0, rows_of, nll), mask.sum(1).float(),
+                               (zeros.index_add(0, rows_of, miss) == 0).float()], dim=1)
             per_row.append(trainer.accelerator.gather_for_metrics(row[mask.any(1)]))
     finally:
         model.train(was_training)
