@@ -72,6 +72,7 @@ def measure(trainer, eval_set, eval_args, when: str) -> dict:
     else:
         result = {"eval_loss": trainer.evaluate(metric_key_prefix=f"eval_{when}")[f"eval_{when}_loss"]}
     trainer.log({f"eval_{when}_{name}": value for name, value in result.items()})
+    trainer.accelerator.print(f"[{when} training] " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if eval_args.show_generations:
         result["generations"] = shown_generations(trainer.model, trainer.processing_class, eval_set,
                                                   eval_args.show_generations, eval_args.max_new_tokens)
