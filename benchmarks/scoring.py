@@ -129,18 +129,15 @@ def smollm2_setup(args, **target):
 
 
 def run(args, model, batches, scoring) -> dict:
+    """Train with the allocator; every round scores with both scorers and the exact scores decide."""
     torch.manual_seed(args.seed)
     allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     layers, adapter = allocator.layers, allocator.adapter
     rounds = []
-    model.train()
-    for step in range(1, args.steps + 1):
-        model(**batches[step - 1]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if not allocator.due(step):
-            continue
+    current = {"step": 0}
+
+    def compare_scorers() -> dict:
         active = allocator.active_slots()
         capacity = {name: layer.capacity(adapter) for name, layer in layers.items()}
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
@@ -148,7 +145,7 @@ def run(args, model, batches, scoring) -> dict:
         pass_seconds, _ = median_time(lambda: scoring_loss(model, scoring), args.repeats)
         exact_seconds, exact = median_time(
             lambda: distributed_exact_scores(model, layers, adapter, scoring, ranks), 1)
-        row = {"round": allocator.rounds_done + 1, "step": step, "ranks": len(ranks),
+        row = {"round": allocator.rounds_done + 1, "step": current["step"], "ranks": len(ranks),
                "exact_seconds": exact_seconds, "scoring_pass_seconds": pass_seconds}
         plan_exact = plan_round(exact, active, capacity, n)
         for refine in args.refine:
@@ -165,15 +162,22 @@ def run(args, model, batches, scoring) -> dict:
                 "regret": regret, "scores": {f"{m}:{s}": fast[(m, s)] for m, s in ranks},
             }
         row["exact_scores"] = {f"{m}:{s}": exact[(m, s)] for m, s in ranks}
-        if row["round"] == args.rounds and args.noise_sample:
-            row["bf16_noise"] = bf16_noise(model, layers, adapter, scoring, ranks, exact, args.noise_sample)
         ordered = sorted(exact.values())
         row["exact_threshold_gap"] = ordered[n] - ordered[n - 1] if n < len(ordered) else None
-        # the run is driven by the reference scorer
-        allocator.apply(plan_exact, optimizer, round_index=row["round"])
-        allocator.history.append({"round": row["round"], "step": step})
+        if row["round"] == args.rounds and args.noise_sample:
+            row["bf16_noise"] = bf16_noise(model, layers, adapter, scoring, ranks, exact, args.noise_sample)
         rounds.append(row)
         print(format_row(row, args.refine), flush=True)
+        return exact  # the run is driven by the reference scorer
+
+    allocator.score = compare_scorers
+    model.train()
+    for step in range(1, args.steps + 1):
+        model(**batches[step - 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        current["step"] = step
+        allocator.step(step, optimizer)
     return {"rounds": rounds}
 
 
@@ -313,7 +317,8 @@ def main(argv=None):
     if args.model == "smollm2":
         if not args.skip_costs:
             out["costs"] = real_costs(args)
-        setup = smollm2_setup(args, target_modules="all-linear", layers_to_transform=args.subset_layers)
+        setup = smollm2_setup(args, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"], layers_to_transform=args.subset_layers)
     else:
         setup = toy_setup(args)
     result = run(args, *setup)
