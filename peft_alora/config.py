@@ -11,6 +11,7 @@ from peft import LoraConfig
 from .registration import add_peft_type_member
 
 SCORERS = ("exact",)
+REGROW_INITS = ("random", "gradient")
 SUPPORTED_INITS = (True, False, "gaussian")
 
 # LoRA options that change what a rank is, or how it is initialised, in ways the gate/slot
@@ -84,6 +85,11 @@ class ALoRAConfig(LoraConfig):
     scoring_examples: int = field(default=32, metadata={"help": "Size of the fixed scoring set (paper: 32)."})
     scoring_batch_size: int = field(default=8, metadata={"help": "Micro-batch size of the scoring forward passes."})
     scorer: str = field(default="exact", metadata={"help": f"Importance scorer, one of {SCORERS}."})
+    regrow_init: str = field(
+        default="random",
+        metadata={"help": "A row of a regrown rank: 'random' (as LoRA, the paper) or 'gradient' (leading singular "
+                          "direction of the module's loss gradient on the scoring set; beyond the paper)."},
+    )
 
     def __post_init__(self):
         self._check_unsupported_lora_options()
@@ -143,6 +149,8 @@ class ALoRAConfig(LoraConfig):
             raise ValueError(
                 "ALoRAConfig: with allocation_rounds > 1, set allocation_end or allocation_interval."
             )
+        if self.regrow_init not in REGROW_INITS:
+            raise ValueError(f"ALoRAConfig.regrow_init={self.regrow_init!r}: choose one of {REGROW_INITS}.")
         if self.scorer not in SCORERS:
             raise ValueError(f"ALoRAConfig.scorer={self.scorer!r}: choose one of {SCORERS}.")
         if self.lora_dropout < 0 or self.lora_dropout >= 1:

@@ -1,0 +1,219 @@
+"""What ALoRA costs next to PEFT LoRA at the same r: step time, peak memory, whole-run wall time (CPU).
+
+1. Per optimizer step, in fp32 and in 4-bit (bitsandbytes runs 4-bit layers on the CPU): a random
+   Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
+   its default capacity (max_r = 2r slots, r active) vs LoRA at r. Every measurement runs in a fresh
+   process (so the peak resident memory is that method's alone), ALoRA and LoRA alternating,
+   several repetitions; medians of the step times, medians of the peak RSS.
+   Peak memory is the growth of the process's peak resident set from after the imports: model,
+   adapter, optimizer state and activations (the libraries' own ~600 MB would hide differences).
+2. A whole SFT run (TRL SFTTrainer on the offline toy world), ALoRA with its default schedule and
+   scorer (8 scoring rounds included) vs LoRA, alternating, medians.
+
+    python benchmarks/overhead.py --quick      # < 10 min on 2 CPU cores
+
+Prints a table, writes benchmarks/results/overhead.json; the last line is one JSON object with
+step_time_ratio, peak_memory_ratio and run_time_ratio (ALoRA / LoRA; the step and memory ratios
+are the worse of fp32 and 4-bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.abspath(__file__)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def adapter_config(method: str, r: int, targets="all-linear"):
+    from peft import LoraConfig
+
+    from peft_alora import ALoRAConfig
+
+    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+    return ALoRAConfig(**common) if method == "alora" else LoraConfig(**common)
+
+
+def wide_llama(path: str, hidden: int, layers: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def step_worker(method: str, precision: str, path: str, args) -> dict:
+    """One process: load, wrap, train a few steps; per-step seconds and this process's peak RSS."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import peft_alora  # noqa: F401
+
+    torch.set_num_threads(args.threads)
+    rss_libraries = peak_rss_mib()
+    quant = None
+    if precision == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant)
+    model = get_peft_model(model, adapter_config(method, args.r))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    return {"method": method, "precision": precision, "step_seconds": statistics.median(times),
+            "peak_rss_mib": peak_rss_mib(), "model_and_training_mib": peak_rss_mib() - rss_libraries}
+
+
+def run_worker(method: str, seed: int, args) -> dict:
+    """One process: a whole SFTTrainer run on the toy world (ALoRA: its default schedule and scorer)."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_alora import ALoRACallback
+    from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = toy_tokenizer()
+    sft = SFTConfig(output_dir=tempfile.mkdtemp(prefix=f"alora-overhead-{method}-"), max_steps=args.run_steps,
+                    per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10**6, save_strategy="no",
+                    report_to=[], seed=seed, assistant_only_loss=True, max_length=64, use_cpu=True, bf16=False,
+                    disable_tqdm=True)
+    trainer = SFTTrainer(model=toy_llama(len(tokenizer), hidden_size=args.run_hidden, layers=2, seed=seed), args=sft,
+                         processing_class=tokenizer, peft_config=adapter_config(method, args.r),
+                         train_dataset=toy_dataset(args.run_steps * 16, seed=seed),
+                         eval_dataset=toy_dataset(64, seed=1000 + seed))
+    callback = ALoRACallback(trainer) if method == "alora" else None
+    if callback:
+        trainer.add_callback(callback)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    scoring = sum(r["scoring_seconds"] for r in callback.allocator.history) if callback else 0.0
+    return {"method": method, "seed": seed, "run_seconds": seconds, "scoring_seconds": scoring,
+            "rounds": len(callback.allocator.history) - 1 if callback else 0}
+
+
+def in_subprocess(kind: str, *fields, args) -> dict:
+    command = [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
+               "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
+               "--run-hidden", str(args.run_hidden)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {kind} {fields} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(rows, key, **where) -> float:
+    pick = lambda m: statistics.median(r[key] for r in rows if r["method"] == m and all(r[k] == v for k, v in where.items()))  # noqa: E731
+    return pick("alora") / pick("lora")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="processes per method and precision")
+    parser.add_argument("--run-steps", type=int, default=None)
+    parser.add_argument("--run-hidden", type=int, default=128)
+    parser.add_argument("--run-reps", type=int, default=None)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 10)
+    args.reps = args.reps or (3 if args.quick else 5)
+    args.run_steps = args.run_steps or (100 if args.quick else 300)
+    args.run_reps = args.run_reps or (2 if args.quick else 3)
+    if args.worker:
+        kind, *fields = args.worker
+        result = step_worker(fields[0], fields[1], fields[2], args) if kind == "step" else \
+            run_worker(fields[0], int(fields[1]), args)
+        print(json.dumps(result))
+        return
+
+    steps, runs = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        wide_llama(folder, args.hidden, args.layers)
+        for rep in range(args.reps):
+            for precision in args.precisions:
+                for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):  # alternate the order
+                    row = in_subprocess("step", method, precision, folder, args=args)
+                    steps.append(row)
+                    print(f"{precision:5} {method:6} rep {rep}: step {row['step_seconds']:.3f}s  "
+                          f"peak RSS {row['peak_rss_mib']:.0f} MiB (+{row['model_and_training_mib']:.0f} after imports)", flush=True)
+    for rep in range(args.run_reps):
+        for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
+            row = in_subprocess("run", method, rep, args=args)
+            runs.append(row)
+            print(f"SFT run {method:6} rep {rep}: {row['run_seconds']:.1f}s (scoring {row['scoring_seconds']:.1f}s, "
+                  f"{row['rounds']} rounds)", flush=True)
+
+    table = {}
+    for precision in args.precisions:
+        table[precision] = {"step_time_ratio": ratio(steps, "step_seconds", precision=precision),
+                            "peak_memory_ratio": ratio(steps, "model_and_training_mib", precision=precision),
+                            "process_peak_rss_ratio": ratio(steps, "peak_rss_mib", precision=precision)}
+        for method in ("lora", "alora"):
+            sel = [r for r in steps if r["method"] == method and r["precision"] == precision]
+            table[precision][f"{method}_step_seconds"] = statistics.median(r["step_seconds"] for r in sel)
+            table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
+            table[precision][f"{method}_model_and_training_mib"] = statistics.median(
+                r["model_and_training_mib"] for r in sel)
+    run_ratio = ratio(runs, "run_seconds")
+    print("\npeak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
+    print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
+    for precision, t in table.items():
+        print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
+              f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
+              f"{t['peak_memory_ratio']:6.3f}")
+    scoring_share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["method"] == "alora")
+    print(f"whole SFT run: ALoRA / LoRA wall time {run_ratio:.3f} (scoring {100 * scoring_share:.0f}% of ALoRA's run)")
+    headline = {"step_time_ratio": round(max(t["step_time_ratio"] for t in table.values()), 4),
+                "peak_memory_ratio": round(max(t["peak_memory_ratio"] for t in table.values()), 4),
+                "run_time_ratio": round(run_ratio, 4),
+                **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},
+                **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
+                   "steps": steps, "runs": runs, "table": table, "headline": headline}, handle, indent=1)
+    print(f"wrote {args.out}")
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
