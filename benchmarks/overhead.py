@@ -2,9 +2,10 @@
 
 1. Per optimizer step, in fp32 and in 4-bit (bitsandbytes runs 4-bit layers on the CPU): a random
    Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
-   its default capacity (max_r = 2r slots, r active) vs LoRA at r. Every measurement runs in a fresh
-   process (so the peak resident memory is that method's alone), ALoRA and LoRA alternating,
-   several repetitions; medians of the step times, medians of the peak RSS.
+   its default capacity (max_r = 2r slots, r active) vs LoRA at r. Step times: one process holds
+   both models and alternates their steps, so both see the same load on a shared machine; the
+   ratio is the median over step pairs. Memory: a fresh process per method (so the peak resident
+   memory is that method's alone), ALoRA and LoRA alternating, several repetitions, medians.
    Peak memory is the growth of the process's peak resident set from after the imports: model,
    adapter, optimizer state and activations (the libraries' own ~600 MB would hide differences).
 2. A whole SFT run (TRL SFTTrainer on the offline toy world), ALoRA with its default schedule and
@@ -60,34 +61,60 @@ def wide_llama(path: str, hidden: int, layers: int) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def step_worker(method: str, precision: str, path: str, args) -> dict:
-    """One process: load, wrap, train a few steps; per-step seconds and this process's peak RSS."""
+def _trainable(path: str, precision: str, method: str, r: int):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import peft_alora  # noqa: F401
 
-    torch.set_num_threads(args.threads)
-    rss_libraries = peak_rss_mib()
     quant = None
     if precision == "4bit":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant)
-    model = get_peft_model(model, adapter_config(method, args.r))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant),
+                           adapter_config(method, r))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-    times = []
-    for i in range(args.warmup + args.steps):
+
+    def step(ids):
         started = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-    return {"method": method, "precision": precision, "step_seconds": statistics.median(times),
-            "peak_rss_mib": peak_rss_mib(), "model_and_training_mib": peak_rss_mib() - rss_libraries}
+        return time.perf_counter() - started
+
+    return step
+
+
+def step_worker(precision: str, path: str, args) -> dict:
+    """One process holding a LoRA and an ALoRA model: their optimizer steps alternate (the order swapped
+    every pair), so both see the same machine load; the ratio of each pair is kept."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = {m: _trainable(path, precision, m, args.r) for m in ("lora", "alora")}
+    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    times = {"lora": [], "alora": []}
+    for i in range(args.warmup + args.steps):
+        for method in (("lora", "alora") if i % 2 == 0 else ("alora", "lora")):
+            seconds = steps[method](ids)
+            if i >= args.warmup:
+                times[method].append(seconds)
+    return {"precision": precision, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
+
+
+def memory_worker(method: str, precision: str, path: str, args) -> dict:
+    """One process, one method: the growth of its peak RSS from after the imports to after a few steps."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rss_libraries = peak_rss_mib()
+    step = _trainable(path, precision, method, args.r)
+    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    for _ in range(args.warmup):
+        step(ids)
+    return {"method": method, "precision": precision, "peak_rss_mib": peak_rss_mib(),
+            "model_and_training_mib": peak_rss_mib() - rss_libraries}
 
 
 def run_worker(method: str, seed: int, args) -> dict:
@@ -144,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per process")
+    parser.add_argument("--steps", type=int, default=None, help="timed step pairs per process")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=None, help="processes per method and precision")
     parser.add_argument("--run-steps", type=int, default=None)
@@ -154,27 +181,37 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
     args = parser.parse_args(argv)
-    args.steps = args.steps or (4 if args.quick else 10)
+    args.steps = args.steps or (6 if args.quick else 20)
     args.reps = args.reps or (3 if args.quick else 5)
     args.run_steps = args.run_steps or (100 if args.quick else 300)
     args.run_reps = args.run_reps or (2 if args.quick else 3)
     if args.worker:
         kind, *fields = args.worker
-        result = step_worker(fields[0], fields[1], fields[2], args) if kind == "step" else \
-            run_worker(fields[0], int(fields[1]), args)
+        if kind == "step":
+            result = step_worker(fields[0], fields[1], args)
+        elif kind == "memory":
+            result = memory_worker(fields[0], fields[1], fields[2], args)
+        else:
+            result = run_worker(fields[0], int(fields[1]), args)
         print(json.dumps(result))
         return
 
-    steps, runs = [], []
+    steps, memory, runs = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         wide_llama(folder, args.hidden, args.layers)
         for rep in range(args.reps):
             for precision in args.precisions:
-                for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):  # alternate the order
-                    row = in_subprocess("step", method, precision, folder, args=args)
-                    steps.append(row)
-                    print(f"{precision:5} {method:6} rep {rep}: step {row['step_seconds']:.3f}s  "
-                          f"peak RSS {row['peak_rss_mib']:.0f} MiB (+{row['model_and_training_mib']:.0f} after imports)", flush=True)
+                row = in_subprocess("step", precision, folder, args=args)
+                steps.append(row)
+                pairs = [a / b for a, b in zip(row["alora_step_seconds"], row["lora_step_seconds"])]
+                print(f"{precision:5} rep {rep}: step LoRA {statistics.median(row['lora_step_seconds']):.3f}s "
+                      f"ALoRA {statistics.median(row['alora_step_seconds']):.3f}s, paired ratio "
+                      f"{statistics.median(pairs):.3f}", flush=True)
+                for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
+                    row = in_subprocess("memory", method, precision, folder, args=args)
+                    memory.append(row)
+                    print(f"{precision:5} {method:6} rep {rep}: peak RSS {row['peak_rss_mib']:.0f} MiB "
+                          f"(+{row['model_and_training_mib']:.0f} after imports)", flush=True)
     for rep in range(args.run_reps):
         for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
             row = in_subprocess("run", method, rep, args=args)
@@ -184,17 +221,20 @@ def main(argv=None):
 
     table = {}
     for precision in args.precisions:
-        table[precision] = {"step_time_ratio": ratio(steps, "step_seconds", precision=precision),
-                            "peak_memory_ratio": ratio(steps, "model_and_training_mib", precision=precision),
-                            "process_peak_rss_ratio": ratio(steps, "peak_rss_mib", precision=precision)}
+        rows = [r for r in steps if r["precision"] == precision]
+        pairs = [a / b for r in rows for a, b in zip(r["alora_step_seconds"], r["lora_step_seconds"])]
+        table[precision] = {"step_time_ratio": statistics.median(pairs),
+                            "peak_memory_ratio": ratio(memory, "model_and_training_mib", precision=precision),
+                            "process_peak_rss_ratio": ratio(memory, "peak_rss_mib", precision=precision)}
         for method in ("lora", "alora"):
-            sel = [r for r in steps if r["method"] == method and r["precision"] == precision]
-            table[precision][f"{method}_step_seconds"] = statistics.median(r["step_seconds"] for r in sel)
+            table[precision][f"{method}_step_seconds"] = statistics.median(
+                t for r in rows for t in r[f"{method}_step_seconds"])
+            sel = [r for r in memory if r["method"] == method and r["precision"] == precision]
             table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
             table[precision][f"{method}_model_and_training_mib"] = statistics.median(
                 r["model_and_training_mib"] for r in sel)
     run_ratio = ratio(runs, "run_seconds")
-    print("\npeak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
+    print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
     print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
     for precision, t in table.items():
         print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
@@ -210,7 +250,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
-                   "steps": steps, "runs": runs, "table": table, "headline": headline}, handle, indent=1)
+                   "steps": steps, "memory": memory, "runs": runs, "table": table, "headline": headline}, handle, indent=1)
     print(f"wrote {args.out}")
     print(json.dumps(headline))
 

@@ -114,7 +114,7 @@ def minilm_student(seed: int) -> Student:
     # its first 3 of 6 layers (real pretrained weights): the exact AB-LoRA scorer must stay affordable on a CPU
     body = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False, num_hidden_layers=3)
     torch.manual_seed(1000 + seed)
-    head = torch.nn.Linear(body.config.hidden_size, 64, bias=False)
+    head = torch.nn.Linear(body.config.hidden_size, 512, bias=False)  # full rank: every hidden direction is seen
     torch.nn.init.normal_(head.weight, std=2.0 / math.sqrt(body.config.hidden_size))
     head.requires_grad_(False)
     return Student(body, head)
@@ -129,6 +129,9 @@ class Task:
     planted: dict                 # module name (inside the Student) -> planted rank
     strength: float               # planted singular values, relative to the module weight's spectral norm
     lr: float
+    steps: tuple[int, int]        # optimizer steps (--quick, full)
+    batch: int
+    length: int
 
 
 LLAMA_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -137,12 +140,12 @@ TASKS = {
         "tiny-llama", tiny_llama_student, (0, 128), LLAMA_TYPES,
         {"body.model.layers.0.self_attn.q_proj": 8, "body.model.layers.1.mlp.up_proj": 8,
          "body.model.layers.0.self_attn.v_proj": 6, "body.model.layers.1.self_attn.o_proj": 2},
-        strength=4.0, lr=5e-3),
+        strength=4.0, lr=5e-3, steps=(200, 400), batch=16, length=24),
     "minilm": Task(
         "minilm", minilm_student, (1000, 30000), ("query", "value"),
         {"body.encoder.layer.0.attention.self.query": 8, "body.encoder.layer.2.attention.self.value": 8,
          "body.encoder.layer.1.attention.self.query": 3, "body.encoder.layer.1.attention.self.value": 1},
-        strength=3.0, lr=2e-3),
+        strength=3.0, lr=5e-3, steps=(150, 300), batch=8, length=12),
 }
 
 
@@ -242,26 +245,27 @@ def rank_match(task: Task, ranks: dict) -> float:
 
 
 def train(method: str, task: Task, seed: int, args) -> dict:
+    steps = args.steps or task.steps[0 if args.quick else 1]
     base = task.build(seed)
     teacher = plant(base, task.planted, task.strength, seed)
     modules = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(task.targets)]
-    held_out = list(token_batches(task, args.held_out, args.length, 16, seed=9000 + seed))
+    held_out = list(token_batches(task, args.held_out, task.length, 16, seed=9000 + seed))
     base_kl = held_out_kl(base, teacher, held_out)
     torch.manual_seed(seed)
-    model = get_peft_model(base, peft_config(method, task, args.r, args.steps, modules))
+    model = get_peft_model(base, peft_config(method, task, args.r, steps, modules))
     tuner = model.base_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=task.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / args.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
     allocator = None
     if method in ALORA_VARIANTS:
-        n_scoring = model.peft_config["default"].scoring_examples
+        config = model.peft_config["default"]
         scoring = ScoringSet([labelled(teacher, x, seed + i) for i, x in enumerate(
-            token_batches(task, n_scoring, args.length, 8, seed=7000 + seed))])
-        allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=seed)
+            token_batches(task, config.scoring_examples, task.length, config.scoring_batch_size, seed=7000 + seed))])
+        allocator = RankAllocator(model, scoring, total_steps=steps, seed=seed)
     model.train()
     started = time.perf_counter()
-    for step, x in enumerate(token_batches(task, args.steps * args.batch, args.length, args.batch, seed=seed)):
+    for step, x in enumerate(token_batches(task, steps * task.batch, task.length, task.batch, seed=seed)):
         with torch.no_grad():
             target = teacher(x).logits
         loss = tuner(input_ids=x, teacher_logits=target).loss
@@ -280,7 +284,18 @@ def train(method: str, task: Task, seed: int, args) -> dict:
             "base_kl": base_kl,
             "rank_match": rank_match(task, ranks), "final_ranks": ranks, "active_ranks": sum(ranks.values()),
             "seconds": seconds,
-            "scoring_seconds": sum(r["scoring_seconds"] for r in allocator.history) if allocator else 0.0}
+            "scoring_seconds": sum(r["scoring_seconds"] for r in allocator.history) if allocator else 0.0,
+            "churn": churn(allocator.history) if allocator else None}
+
+
+def churn(history) -> float:
+    """Share of the ranks pruned in rounds 2.. that had been grown in the round just before."""
+    pruned = regrown = 0
+    for before, now in zip(history[1:], history[2:]):
+        grown = {tuple(r) for r in before["grown_slots"]}
+        pruned += len(now["pruned"])
+        regrown += sum(tuple(r) in grown for r in now["pruned"])
+    return regrown / pruned if pruned else 0.0
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -335,27 +350,27 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per task)")
     parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=24)
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "quality.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/quality[_quick].json")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(RESULTS, "quality_quick.json" if args.quick else "quality.json")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     args.seeds = args.seeds or ([0, 1, 2] if args.quick else [0, 1, 2, 3, 4])
-    args.steps = args.steps or (200 if args.quick else 400)
-    args.methods = args.methods or ["lora", "adalora", "alora", "oracle"]
+    args.methods = args.methods or (["lora", "adalora", "alora"] if args.quick else
+                                    ["lora", "adalora", "alora", "oracle", *[m for m in ALORA_VARIANTS if m != "alora"]])
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             for method in args.methods:  # interleaved, so machine noise hits every method alike
                 row = train(method, TASKS[task], seed, args)
                 rows.append(row)
+                extra = "" if row["churn"] is None else f"  churn {row['churn']:.2f}"
                 print(f"{task:10} seed {seed} {method:18} held-out KL {row['held_out_kl']:.4f}  "
-                      f"rank match {row['rank_match']:.2f}  {row['seconds']:.1f}s", flush=True)
+                      f"rank match {row['rank_match']:.2f}  {row['seconds']:.1f}s{extra}", flush=True)
     table = summarise(rows, args.tasks, args.methods)
     print(f"\n{'task':10} {'method':18} {'median KL':>10} {'min':>8} {'max':>8} {'rank match':>10} {'time s':>7}")
     for (task, method), t in table.items():
