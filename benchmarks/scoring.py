@@ -1,0 +1,218 @@
+"""Fast AB-LoRA scorer against the exact one: time per round and agreement of the decisions.
+
+    python benchmarks/scoring.py --quick          # random-init Llama, 8 layers x 7 types x r=8 = 448 ranks (< 10 min)
+    python benchmarks/scoring.py --model smollm2  # the real SmolLM2-135M-Instruct (1,680 ranks), see --help
+
+An allocation run driven by the exact scorer on the offline toy instruction task; at every round
+both scorers score the same model state. Per round: wall time of each scorer (median of
+--repeats), their Spearman correlation, whether the fast scorer's round plan (pruned ranks and
+regrown counts per module) equals the exact one, and the regret: the exact score of the ranks the
+fast scorer would prune minus that of the ranks the exact scorer prunes (>= 0, 0 when they agree).
+Writes benchmarks/results/scoring_<mode>.json and a scatter PNG; the last output line is one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+import peft_alora  # noqa: E402
+from peft_alora.allocation import plan_round  # noqa: E402
+from peft_alora.allocator import RankAllocator  # noqa: E402
+from peft_alora.scoring import ScoringSet, distributed_exact_scores, fast_scores, scoring_loss  # noqa: E402
+from peft_alora.scoring.common import IGNORE_INDEX  # noqa: E402
+from peft_alora.toy import toy_llama, toy_pairs, toy_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def collate(tokenizer, pairs, max_length: int = 64) -> dict:
+    """Prompt tokens masked out of the loss, completion (and EOS) trained; right padding."""
+    rows = []
+    for question, answer in pairs:
+        prompt = tokenizer(f"Q: {question}\nA:")["input_ids"]
+        completion = tokenizer(f" {answer}")["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + completion)[:max_length]
+        rows.append((ids, ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in rows]),
+    }
+
+
+def median_time(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def spearman(a: dict, b: dict) -> float:
+    keys = sorted(a)
+    x = torch.tensor([a[k] for k in keys], dtype=torch.float64)
+    y = torch.tensor([b[k] for k in keys], dtype=torch.float64)
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def toy_setup(args):
+    tokenizer = toy_tokenizer()
+    model = toy_llama(len(tokenizer), hidden_size=args.hidden, layers=args.layers, seed=args.seed)
+    config = peft_alora.ALoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                    allocation_start=args.start, allocation_end=args.end,
+                                    allocation_rounds=args.rounds)
+    return tokenizer, get_peft_model(model, config)
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    tokenizer, model = toy_setup(args)
+    train = toy_pairs(args.steps * args.batch, seed=args.seed)
+    held_out = toy_pairs(args.scoring_examples, seed=10_000 + args.seed)
+    scoring = ScoringSet([collate(tokenizer, held_out[i:i + 8]) for i in range(0, len(held_out), 8)])
+    allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=args.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    layers, adapter = allocator.layers, allocator.adapter
+    rounds = []
+    model.train()
+    for step in range(1, args.steps + 1):
+        batch = collate(tokenizer, train[(step - 1) * args.batch: step * args.batch])
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if not allocator.due(step):
+            continue
+        active = allocator.active_slots()
+        capacity = {name: layer.capacity(adapter) for name, layer in layers.items()}
+        ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
+        n = allocator.ranks_per_round
+        pass_seconds, _ = median_time(lambda: scoring_loss(model, scoring), args.repeats)
+        exact_seconds, exact = median_time(
+            lambda: distributed_exact_scores(model, layers, adapter, scoring, ranks), 1)
+        row = {"round": allocator.rounds_done + 1, "step": step, "ranks": len(ranks),
+               "exact_seconds": exact_seconds, "scoring_pass_seconds": pass_seconds}
+        plan_exact = plan_round(exact, active, capacity, n)
+        for refine in args.refine:
+            seconds, fast = median_time(
+                lambda: fast_scores(model, layers, adapter, scoring, ranks, refine=refine), args.repeats)
+            plan_fast = plan_round(fast, active, capacity, n)
+            regret = sum(exact[r] for r in plan_fast.pruned) - sum(exact[r] for r in plan_exact.pruned)
+            row[f"refine{refine}"] = {
+                "seconds": seconds, "pass_equivalents": seconds / pass_seconds,
+                "speedup": exact_seconds / seconds, "spearman": spearman(fast, exact),
+                "pruned_same": set(plan_fast.pruned) == set(plan_exact.pruned),
+                "plan_same": set(plan_fast.pruned) == set(plan_exact.pruned) and plan_fast.grown == plan_exact.grown,
+                "regret": regret, "scores": {f"{m}:{s}": fast[(m, s)] for m, s in ranks},
+            }
+        row["exact_scores"] = {f"{m}:{s}": exact[(m, s)] for m, s in ranks}
+        exact_pruned = sorted(exact[r] for r in plan_exact.pruned)
+        row["exact_threshold_gap"] = sorted(exact.values())[n] - exact_pruned[-1]  # margin of the n-th lowest
+        # apply the exact plan: the run is driven by the reference scorer
+        allocator.apply(plan_exact, optimizer, round_index=row["round"])
+        allocator.history.append(allocator._record(row["round"], step, plan_exact, exact_seconds))
+        rounds.append(row)
+        print(format_row(row, args.refine), flush=True)
+    return {"rounds": rounds}
+
+
+def format_row(row, refines) -> str:
+    parts = [f"round {row['round']} (step {row['step']}, {row['ranks']} ranks): exact {row['exact_seconds']:.1f}s"]
+    for refine in refines:
+        r = row[f"refine{refine}"]
+        parts.append(f"fast/refine={refine} {r['seconds']:.2f}s x{r['speedup']:.0f} rho={r['spearman']:.3f} "
+                     f"pruned_same={r['pruned_same']} plan_same={r['plan_same']} regret={r['regret']:.2e}")
+    return " | ".join(parts)
+
+
+def summarise(result, refines) -> dict:
+    rounds = result["rounds"]
+    summary = {"rounds": len(rounds), "exact_seconds_median": statistics.median(r["exact_seconds"] for r in rounds)}
+    for refine in refines:
+        rows = [r[f"refine{refine}"] for r in rounds]
+        summary[f"refine{refine}"] = {
+            "seconds_median": statistics.median(r["seconds"] for r in rows),
+            "speedup": statistics.median(r["speedup"] for r in rows),
+            "pass_equivalents": statistics.median(r["pass_equivalents"] for r in rows),
+            "spearman_median": statistics.median(r["spearman"] for r in rows),
+            "pruned_set_agreement": sum(r["pruned_same"] for r in rows) / len(rows),
+            "plan_agreement": sum(r["plan_same"] for r in rows) / len(rows),
+            "regret_max": max(r["regret"] for r in rows),
+        }
+    return summary
+
+
+def scatter(result, refine, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for row in result["rounds"]:
+        exact = row["exact_scores"]
+        fast = row[f"refine{refine}"]["scores"]
+        keys = sorted(exact)
+        ax.scatter([exact[k] for k in keys], [fast[k] for k in keys], s=4, label=f"round {row['round']}")
+    ax.set_xlabel("exact AB-LoRA score")
+    ax.set_ylabel(f"fast score (refine={refine})")
+    ax.set_title("fast vs exact scores, every round")
+    ax.legend(fontsize=6, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 448-rank random-init Llama (default)")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--start", type=float, default=0.1)
+    parser.add_argument("--end", type=float, default=0.4)
+    parser.add_argument("--scoring-examples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--refine", type=int, nargs="+", default=[0, 7])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    summary = summarise(result, args.refine)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scoring_quick.json").write_text(json.dumps({"args": vars(args), "summary": summary, **result}, indent=1))
+    scatter(result, args.refine[0], RESULTS / "scoring_quick.png")
+    for refine in args.refine:
+        s = summary[f"refine{refine}"]
+        print(f"fast refine={refine}: speedup x{s['speedup']:.1f} (median), {s['pass_equivalents']:.1f} scoring-pass "
+              f"equivalents, spearman {s['spearman_median']:.3f}, pruned-set agreement {s['pruned_set_agreement']:.2f}, "
+              f"plan agreement {s['plan_agreement']:.2f}, worst regret {s['regret_max']:.2e}")
+    default = summary[f"refine{args.refine[-1]}"]
+    print(json.dumps({"speedup": default["speedup"], "pruned_set_agreement": default["pruned_set_agreement"],
+                      "plan_agreement": default["plan_agreement"], "refine": args.refine[-1]}))
+
+
+if __name__ == "__main__":
+    main()
