@@ -41,13 +41,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def adapter_config(method: str, r: int, targets="all-linear"):
+def adapter_config(method: str, r: int, scorer: str = "fast"):
     from peft import LoraConfig
 
     from peft_alora import ALoRAConfig
 
-    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
-    return ALoRAConfig(**common) if method == "alora" else LoraConfig(**common)
+    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    return ALoRAConfig(**common, scorer=scorer) if method == "alora" else LoraConfig(**common)
+
+
+def model_path(name: str, wide_folder: str) -> str:
+    if name == "smollm2":
+        from peft_alora.models import default_model_path
+
+        return str(default_model_path())
+    return wide_folder
 
 
 def wide_llama(path: str, hidden: int, layers: int) -> None:
@@ -86,13 +94,13 @@ def _trainable(path: str, precision: str, method: str, r: int):
     return step
 
 
-def step_worker(precision: str, path: str, args) -> dict:
+def step_worker(setup: str, path: str, args) -> dict:
     """One process holding a LoRA and an ALoRA model: their optimizer steps alternate (the order swapped
     every pair), so both see the same machine load; the ratio of each pair is kept."""
     import torch
 
     torch.set_num_threads(args.threads)
-    steps = {m: _trainable(path, precision, m, args.r) for m in ("lora", "alora")}
+    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r) for m in ("lora", "alora")}
     ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     times = {"lora": [], "alora": []}
     for i in range(args.warmup + args.steps):
@@ -100,24 +108,24 @@ def step_worker(precision: str, path: str, args) -> dict:
             seconds = steps[method](ids)
             if i >= args.warmup:
                 times[method].append(seconds)
-    return {"precision": precision, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
+    return {"precision": setup, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
 
 
-def memory_worker(method: str, precision: str, path: str, args) -> dict:
+def memory_worker(method: str, setup: str, path: str, args) -> dict:
     """One process, one method: the growth of its peak RSS from after the imports to after a few steps."""
     import torch
 
     torch.set_num_threads(args.threads)
     rss_libraries = peak_rss_mib()
-    step = _trainable(path, precision, method, args.r)
+    step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r)
     ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     for _ in range(args.warmup):
         step(ids)
-    return {"method": method, "precision": precision, "peak_rss_mib": peak_rss_mib(),
+    return {"method": method, "precision": setup, "peak_rss_mib": peak_rss_mib(),
             "model_and_training_mib": peak_rss_mib() - rss_libraries}
 
 
-def run_worker(method: str, seed: int, args) -> dict:
+def run_worker(method: str, seed: int, scorer: str, args) -> dict:
     """One process: a whole SFTTrainer run on the toy world (ALoRA: its default schedule and scorer)."""
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -132,7 +140,7 @@ def run_worker(method: str, seed: int, args) -> dict:
                     report_to=[], seed=seed, assistant_only_loss=True, max_length=64, use_cpu=True, bf16=False,
                     disable_tqdm=True)
     trainer = SFTTrainer(model=toy_llama(len(tokenizer), hidden_size=args.run_hidden, layers=2, seed=seed), args=sft,
-                         processing_class=tokenizer, peft_config=adapter_config(method, args.r),
+                         processing_class=tokenizer, peft_config=adapter_config(method, args.r, scorer),
                          train_dataset=toy_dataset(args.run_steps * 16, seed=seed),
                          eval_dataset=toy_dataset(64, seed=1000 + seed))
     callback = ALoRACallback(trainer) if method == "alora" else None
@@ -177,7 +185,9 @@ def main(argv=None):
     parser.add_argument("--run-steps", type=int, default=None)
     parser.add_argument("--run-hidden", type=int, default=128)
     parser.add_argument("--run-reps", type=int, default=None)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit", "smollm2-fp32"],
+                        help="fp32 / 4bit: the wide random Llama; smollm2-fp32 / smollm2-4bit: the real SmolLM2-135M")
+    parser.add_argument("--run-scorers", nargs="+", default=None, help="ALoRA scorers of the whole-run comparison")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
     args = parser.parse_args(argv)
@@ -185,6 +195,7 @@ def main(argv=None):
     args.reps = args.reps or (3 if args.quick else 5)
     args.run_steps = args.run_steps or (100 if args.quick else 300)
     args.run_reps = args.run_reps or (2 if args.quick else 3)
+    args.run_scorers = args.run_scorers or (["fast"] if args.quick else ["fast", "exact"])
     if args.worker:
         kind, *fields = args.worker
         if kind == "step":
@@ -192,7 +203,7 @@ def main(argv=None):
         elif kind == "memory":
             result = memory_worker(fields[0], fields[1], fields[2], args)
         else:
-            result = run_worker(fields[0], int(fields[1]), args)
+            result = run_worker(fields[0], int(fields[1]), fields[2], args)
         print(json.dumps(result))
         return
 
@@ -201,23 +212,26 @@ def main(argv=None):
         wide_llama(folder, args.hidden, args.layers)
         for rep in range(args.reps):
             for precision in args.precisions:
-                row = in_subprocess("step", precision, folder, args=args)
+                path = model_path("smollm2" if precision.startswith("smollm2") else "wide", folder)
+                row = in_subprocess("step", precision, path, args=args)
                 steps.append(row)
                 pairs = [a / b for a, b in zip(row["alora_step_seconds"], row["lora_step_seconds"])]
                 print(f"{precision:5} rep {rep}: step LoRA {statistics.median(row['lora_step_seconds']):.3f}s "
                       f"ALoRA {statistics.median(row['alora_step_seconds']):.3f}s, paired ratio "
                       f"{statistics.median(pairs):.3f}", flush=True)
                 for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
-                    row = in_subprocess("memory", method, precision, folder, args=args)
+                    row = in_subprocess("memory", method, precision, path, args=args)
                     memory.append(row)
                     print(f"{precision:5} {method:6} rep {rep}: peak RSS {row['peak_rss_mib']:.0f} MiB "
                           f"(+{row['model_and_training_mib']:.0f} after imports)", flush=True)
     for rep in range(args.run_reps):
-        for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
-            row = in_subprocess("run", method, rep, args=args)
+        for method in (("lora", *args.run_scorers) if rep % 2 == 0 else (*args.run_scorers, "lora")):
+            kind = "lora" if method == "lora" else "alora"
+            row = in_subprocess("run", kind, rep, "fast" if method == "lora" else method, args=args)
+            row["scorer"] = None if method == "lora" else method
             runs.append(row)
-            print(f"SFT run {method:6} rep {rep}: {row['run_seconds']:.1f}s (scoring {row['scoring_seconds']:.1f}s, "
-                  f"{row['rounds']} rounds)", flush=True)
+            print(f"SFT run {kind:6} {row['scorer'] or '':5} rep {rep}: {row['run_seconds']:.1f}s "
+                  f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
 
     table = {}
     for precision in args.precisions:
@@ -233,18 +247,23 @@ def main(argv=None):
             table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
             table[precision][f"{method}_model_and_training_mib"] = statistics.median(
                 r["model_and_training_mib"] for r in sel)
-    run_ratio = ratio(runs, "run_seconds")
+    lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
+    run_ratios = {scorer: statistics.median(r["run_seconds"] for r in runs if r["scorer"] == scorer) / lora_run
+                  for scorer in args.run_scorers}
+    run_ratio = run_ratios[args.run_scorers[0]]
     print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
     print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
     for precision, t in table.items():
         print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
               f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
               f"{t['peak_memory_ratio']:6.3f}")
-    scoring_share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["method"] == "alora")
-    print(f"whole SFT run: ALoRA / LoRA wall time {run_ratio:.3f} (scoring {100 * scoring_share:.0f}% of ALoRA's run)")
+    for scorer, value in run_ratios.items():
+        share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
+        print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
     headline = {"step_time_ratio": round(max(t["step_time_ratio"] for t in table.values()), 4),
                 "peak_memory_ratio": round(max(t["peak_memory_ratio"] for t in table.values()), 4),
                 "run_time_ratio": round(run_ratio, 4),
+                **{f"run_time_ratio_{k}": round(v, 4) for k, v in run_ratios.items()},
                 **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},
                 **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -1,11 +1,13 @@
-"""Markdown tables for docs/benchmarks.md from the JSON files that quality.py and overhead.py wrote.
+"""Markdown tables (and the docs picture) from the JSON files that quality.py and overhead.py wrote.
 
-    python benchmarks/tables.py benchmarks/results/quality_tiny-llama.json benchmarks/results/overhead.json ...
+    python benchmarks/tables.py RESULT.json ... [--relabel old=new ...] [--figure docs/images/quality.png]
+
+``--relabel`` renames methods in the output only (e.g. a run made when another variant was the default).
 """
 
+import argparse
 import json
 import statistics
-import sys
 
 
 def quality_table(data) -> str:
@@ -43,13 +45,58 @@ def overhead_table(data) -> str:
     return "\n".join(lines)
 
 
-def main(paths):
-    for path in paths:
+def relabel(data, names: dict):
+    for run in data.get("runs", []):
+        run["method"] = names.get(run["method"], run["method"])
+    if "summary" in data and "steps" not in data:
+        data["summary"] = {f"{k.split('/')[0]}/{names.get(k.split('/')[1], k.split('/')[1])}": v
+                           for k, v in data["summary"].items()}
+    return data
+
+
+def figure(datasets, path):
+    """Held-out KL vs wall time per method (median, min-max bars), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.9), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        runs = data["runs"]
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+            sel = [r for r in runs if r["method"] == method]
+            kl = [r["held_out_kl"] for r in sel]
+            x, y = statistics.median(r["seconds"] for r in sel), statistics.median(kl)
+            ax.errorbar([x], [y], yerr=[[y - min(kl)], [max(kl) - y]], fmt="o", ms=7, capsize=3, color=f"C{i}",
+                        label=method)
+        ax.set_title(f"{runs[0]['task']}: {len({r['seed'] for r in runs})} seeds, same rank budget")
+        ax.set_xlabel("wall time of a run, s (2-core CPU, shared)")
+        ax.set_ylabel("held-out KL(teacher || student)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--relabel", nargs="*", default=[], help="old=new method names")
+    parser.add_argument("--figure", default=None, help="write the quality picture here")
+    args = parser.parse_args(argv)
+    names = dict(pair.split("=", 1) for pair in args.relabel)
+    quality = []
+    for path in args.paths:
         with open(path) as handle:
-            data = json.load(handle)
+            data = relabel(json.load(handle), names)
         print(f"\n<!-- {path} -->")
         print(overhead_table(data) if "steps" in data else quality_table(data))
+        if "steps" not in data:
+            quality.append(data)
+    if args.figure and quality:
+        figure(quality, args.figure)
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

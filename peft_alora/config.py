@@ -95,9 +95,10 @@ class ALoRAConfig(LoraConfig):
                           "(2 scoring passes each)."},
     )
     regrow_init: str = field(
-        default="random",
-        metadata={"help": "A row of a regrown rank: 'random' (as LoRA, the paper) or 'gradient' (leading singular "
-                          "direction of the module's loss gradient on the scoring set; beyond the paper)."},
+        default="gradient",
+        metadata={"help": "A row of a regrown rank: 'gradient' (leading singular direction of the module's loss "
+                          "gradient on the scoring set, outside its active rows; measured better, beyond the paper) or "
+                          "'random' (drawn as LoRA draws it: the paper)."},
     )
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""regrow_init="gradient": new A rows follow the module's loss gradient; output unchanged; opt-in."""
+"""regrow_init="gradient" (default): new A rows follow the module's loss gradient; output unchanged;
+the paper's random rows stay selectable."""
 
 import pytest
 import torch
@@ -97,4 +98,5 @@ def test_gradient_rows_give_new_b_columns_more_gradient_than_random_rows(torch_s
 def test_regrow_init_is_validated():
     with pytest.raises(ValueError, match="regrow_init"):
         peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="svd")
-    assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"]).regrow_init == "random"  # the paper's
+    assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"]).regrow_init == "gradient"  # measured default
+    assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="random").regrow_init == "random"
