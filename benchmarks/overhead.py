@@ -113,7 +113,12 @@ def step_worker(setup: str, path: str, args) -> dict:
 
 def memory_worker(method: str, setup: str, path: str, args) -> dict:
     """One process, one method: the growth of its peak RSS from after the imports to after a few steps."""
+    import bitsandbytes  # noqa: F401  (every library the step needs is loaded before the baseline)
+    import peft  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+
+    import peft_alora  # noqa: F401
 
     torch.set_num_threads(args.threads)
     rss_libraries = peak_rss_mib()
@@ -191,11 +196,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
     args = parser.parse_args(argv)
-    args.steps = args.steps or (6 if args.quick else 20)
-    args.reps = args.reps or (3 if args.quick else 5)
-    args.run_steps = args.run_steps or (100 if args.quick else 300)
-    args.run_reps = args.run_reps or (2 if args.quick else 3)
-    args.run_scorers = args.run_scorers or (["fast"] if args.quick else ["fast", "exact"])
+    args.steps = args.steps if args.steps is not None else (6 if args.quick else 20)
+    args.reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    args.run_steps = args.run_steps if args.run_steps is not None else (100 if args.quick else 300)
+    args.run_reps = args.run_reps if args.run_reps is not None else (2 if args.quick else 3)
+    args.run_scorers = args.run_scorers if args.run_scorers is not None else (["fast"] if args.quick else ["fast", "exact"])
     if args.worker:
         kind, *fields = args.worker
         if kind == "step":
@@ -234,7 +239,7 @@ def main(argv=None):
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
 
     table = {}
-    for precision in args.precisions:
+    for precision in args.precisions if steps else []:
         rows = [r for r in steps if r["precision"] == precision]
         pairs = [a / b for r in rows for a, b in zip(r["alora_step_seconds"], r["lora_step_seconds"])]
         table[precision] = {"step_time_ratio": statistics.median(pairs),
@@ -247,10 +252,12 @@ def main(argv=None):
             table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
             table[precision][f"{method}_model_and_training_mib"] = statistics.median(
                 r["model_and_training_mib"] for r in sel)
-    lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
-    run_ratios = {scorer: statistics.median(r["run_seconds"] for r in runs if r["scorer"] == scorer) / lora_run
-                  for scorer in args.run_scorers}
-    run_ratio = run_ratios[args.run_scorers[0]]
+    run_ratios = {}
+    if runs:
+        lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
+        run_ratios = {scorer: statistics.median(r["run_seconds"] for r in runs if r["scorer"] == scorer) / lora_run
+                      for scorer in args.run_scorers}
+    run_ratio = run_ratios.get(args.run_scorers[0], float("nan"))
     print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
     print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
     for precision, t in table.items():
@@ -260,8 +267,9 @@ def main(argv=None):
     for scorer, value in run_ratios.items():
         share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
         print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
-    headline = {"step_time_ratio": round(max(t["step_time_ratio"] for t in table.values()), 4),
-                "peak_memory_ratio": round(max(t["peak_memory_ratio"] for t in table.values()), 4),
+    headline = {"step_time_ratio": round(max((t["step_time_ratio"] for t in table.values()), default=float("nan")), 4),
+                "peak_memory_ratio": round(max((t["peak_memory_ratio"] for t in table.values()), default=float("nan")),
+                                           4),
                 "run_time_ratio": round(run_ratio, 4),
                 **{f"run_time_ratio_{k}": round(v, 4) for k, v in run_ratios.items()},
                 **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},

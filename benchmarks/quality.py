@@ -321,31 +321,6 @@ def ratio_per_seed(rows, task, a, b):
     return [by[(a, s)] / by[(b, s)] for (m, s) in by if m == a and (b, s) in by]
 
 
-def plot(rows, table, tasks, methods, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for i, method in enumerate(methods):
-            sel = [r for r in rows if r["task"] == task and r["method"] == method]
-            if not sel:
-                continue
-            xs = [r["seconds"] for r in sel]
-            ys = [r["held_out_kl"] for r in sel]
-            ax.scatter(xs, ys, s=18, alpha=0.5, color=f"C{i}")
-            ax.errorbar([statistics.median(xs)], [statistics.median(ys)], fmt="o", ms=8, color=f"C{i}", label=method)
-        ax.set_title(f"{task}: held-out KL vs training time")
-        ax.set_xlabel("wall time of the run, s (2-core CPU)")
-        ax.set_ylabel("held-out KL(teacher || student)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds, short runs (< 10 min on 2 cores)")
@@ -394,7 +369,10 @@ def main(argv=None):
             headline[f"worst_seed_ratio_{method}_vs_lora"] = round(max(per_seed), 4)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     png = os.path.splitext(args.out)[0] + ".png"
-    plot(rows, table, args.tasks, args.methods, png)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tables import figure  # the picture docs/benchmarks.md shows, from this run's rows
+
+    figure([{"runs": [r for r in rows if r["task"] == task]} for task in args.tasks], png)
     with open(args.out, "w") as handle:
         json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
                    "runs": rows, "summary": {f"{t}/{m}": v for (t, m), v in table.items()},

@@ -85,7 +85,7 @@ def test_gradient_rows_give_new_b_columns_more_gradient_than_random_rows(torch_s
         model, scoring = _model_and_scoring(regrow_init=init)
         allocator = RankAllocator(model, scoring, total_steps=6, seed=1)
         record = allocator.run_round(2)
-        norms[init] = [float(allocator.layers[m].lora_A["default"].weight[s].norm()) for m, s in record["grown_slots"]]
+        norms[init] = [float(allocator.layers[m].lora_A["default"].weight[s].detach().norm()) for m, s in record["grown_slots"]]
         model.train()
         for batch in scoring.batches:
             model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
