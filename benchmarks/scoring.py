@@ -56,12 +56,18 @@ def collate(tokenizer, pairs, max_length: int = 64) -> dict:
     }
 
 
-def median_time(fn, repeats: int):
+def timed(fn, repeats: int):
+    """``(every wall time, last result)`` of ``repeats`` calls."""
     times, result = [], None
     for _ in range(repeats):
         started = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - started)
+    return times, result
+
+
+def median_time(fn, repeats: int):
+    times, result = timed(fn, repeats)
     return statistics.median(times), result
 
 
@@ -75,28 +81,62 @@ def spearman(a: dict, b: dict) -> float:
 
 
 def toy_setup(args):
+    """The quick model: random-init Llama on the offline toy task, prompt tokens masked."""
     tokenizer = toy_tokenizer()
     model = toy_llama(len(tokenizer), hidden_size=args.hidden, layers=args.layers, seed=args.seed)
-    config = peft_alora.ALoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                    allocation_start=args.start, allocation_end=args.end,
-                                    allocation_rounds=args.rounds)
-    return tokenizer, get_peft_model(model, config)
-
-
-def run(args) -> dict:
-    torch.manual_seed(args.seed)
-    tokenizer, model = toy_setup(args)
+    model = get_peft_model(model, alora_config(args, target_modules="all-linear"))
     train = toy_pairs(args.steps * args.batch, seed=args.seed)
     held_out = toy_pairs(args.scoring_examples, seed=10_000 + args.seed)
-    scoring = ScoringSet([collate(tokenizer, held_out[i:i + 8]) for i in range(0, len(held_out), 8)])
+    batches = [collate(tokenizer, train[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps)]
+    size = args.scoring_batch_size
+    scoring = ScoringSet([collate(tokenizer, held_out[i:i + size]) for i in range(0, len(held_out), size)])
+    return model, batches, scoring
+
+
+def alora_config(args, **kwargs):
+    return peft_alora.ALoRAConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, allocation_start=args.start,
+                                  allocation_end=args.end, allocation_rounds=args.rounds, **kwargs)
+
+
+def chat_example(tokenizer, seed: int, length: int):
+    """A multi-turn chat of toy questions in the model's own template, ``length`` tokens, first half untrained."""
+    messages = []
+    for question, answer in toy_pairs(24, seed=seed):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    ids = list(ids if isinstance(ids, list) else ids["input_ids"])[:length]
+    return ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2:]
+
+
+def smollm2_setup(args, **target):
+    """The real SmolLM2-135M-Instruct (packaged weights, see peft_alora.models) on chat-formatted toy tasks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_alora.models import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                           alora_config(args, **target))
+
+    def batch(seeds):
+        rows = [chat_example(tokenizer, seed, args.length) for seed in seeds]
+        return {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows])}
+
+    batches = [batch(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.steps)]
+    scoring = ScoringSet([batch(range(10_000 + i, 10_000 + i + 8)) for i in range(0, args.scoring_examples, 8)])
+    return model, batches, scoring
+
+
+def run(args, model, batches, scoring) -> dict:
+    torch.manual_seed(args.seed)
     allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     layers, adapter = allocator.layers, allocator.adapter
     rounds = []
     model.train()
     for step in range(1, args.steps + 1):
-        batch = collate(tokenizer, train[(step - 1) * args.batch: step * args.batch])
-        model(**batch).loss.backward()
+        model(**batches[step - 1]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if not allocator.due(step):
@@ -112,26 +152,63 @@ def run(args) -> dict:
                "exact_seconds": exact_seconds, "scoring_pass_seconds": pass_seconds}
         plan_exact = plan_round(exact, active, capacity, n)
         for refine in args.refine:
-            seconds, fast = median_time(
-                lambda: fast_scores(model, layers, adapter, scoring, ranks, refine=refine), args.repeats)
+            times, fast = timed(
+                lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine), args.repeats)
+            seconds = statistics.median(times)
             plan_fast = plan_round(fast, active, capacity, n)
             regret = sum(exact[r] for r in plan_fast.pruned) - sum(exact[r] for r in plan_exact.pruned)
             row[f"refine{refine}"] = {
-                "seconds": seconds, "pass_equivalents": seconds / pass_seconds,
+                "seconds": seconds, "all_seconds": times, "pass_equivalents": seconds / pass_seconds,
                 "speedup": exact_seconds / seconds, "spearman": spearman(fast, exact),
                 "pruned_same": set(plan_fast.pruned) == set(plan_exact.pruned),
                 "plan_same": set(plan_fast.pruned) == set(plan_exact.pruned) and plan_fast.grown == plan_exact.grown,
                 "regret": regret, "scores": {f"{m}:{s}": fast[(m, s)] for m, s in ranks},
             }
         row["exact_scores"] = {f"{m}:{s}": exact[(m, s)] for m, s in ranks}
-        exact_pruned = sorted(exact[r] for r in plan_exact.pruned)
-        row["exact_threshold_gap"] = sorted(exact.values())[n] - exact_pruned[-1]  # margin of the n-th lowest
-        # apply the exact plan: the run is driven by the reference scorer
+        ordered = sorted(exact.values())
+        row["exact_threshold_gap"] = ordered[n] - ordered[n - 1] if n < len(ordered) else None
+        # the run is driven by the reference scorer
         allocator.apply(plan_exact, optimizer, round_index=row["round"])
-        allocator.history.append(allocator._record(row["round"], step, plan_exact, exact_seconds))
+        allocator.history.append({"round": row["round"], "step": step})
         rounds.append(row)
         print(format_row(row, args.refine), flush=True)
     return {"rounds": rounds}
+
+
+def real_costs(args) -> dict:
+    """Full SmolLM2 (all linear layers): fast round vs training step, exact round from a sample of ablations."""
+    args = argparse.Namespace(**{**vars(args), "r": 8, "length": 128, "batch": 8, "steps": 4})  # the issue's set-up
+    model, batches, scoring = smollm2_setup(args, target_modules="all-linear")
+    layers = dict(model.base_model.gated_layers())
+    ranks = [(n, s) for n in sorted(layers) for s in layers[n].active_slots("default")]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+    def train_step(i=[0]):
+        model.train()
+        model(**batches[i[0] % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        i[0] += 1
+
+    train_step()  # warm-up; also moves B off zero
+    step_seconds, _ = median_time(train_step, args.repeats)
+    # the first call also runs the once-per-run pass of the base model (kept as weight gradients)
+    fast_times, _ = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=0),
+                          args.repeats + 1)
+    fast_seconds = statistics.median(fast_times[1:])
+    sample = ranks[:: max(1, len(ranks) // args.exact_sample)][: args.exact_sample]
+    started = time.perf_counter()
+    distributed_exact_scores(model, layers, "default", scoring, sample)
+    per_rank = (time.perf_counter() - started) / len(sample)
+    result = {"ranks": len(ranks), "train_step_seconds": step_seconds, "fast_round_seconds": fast_seconds,
+              "fast_round_in_train_steps": fast_seconds / step_seconds,
+              "fast_first_round_seconds": fast_times[0], "fast_first_round_in_train_steps": fast_times[0] / step_seconds,
+              "exact_sampled_ranks": len(sample),
+              "exact_ablations_timed": 2 * len(sample), "exact_round_seconds_estimated": per_rank * len(ranks),
+              "exact_round_in_train_steps": per_rank * len(ranks) / step_seconds,
+              "speedup": per_rank * len(ranks) / fast_seconds}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def format_row(row, refines) -> str:
@@ -145,7 +222,9 @@ def format_row(row, refines) -> str:
 
 def summarise(result, refines) -> dict:
     rounds = result["rounds"]
-    summary = {"rounds": len(rounds), "exact_seconds_median": statistics.median(r["exact_seconds"] for r in rounds)}
+    summary = {"rounds": len(rounds), "exact_seconds_median": statistics.median(r["exact_seconds"] for r in rounds),
+               # the very first fast call also ran the once-per-run pass of the base model
+               "fast_first_call_seconds": rounds[0][f"refine{refines[0]}"]["all_seconds"][0]}
     for refine in refines:
         rows = [r[f"refine{refine}"] for r in rounds]
         summary[f"refine{refine}"] = {
@@ -183,35 +262,56 @@ def scatter(result, refine, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the 448-rank random-init Llama (default)")
+    parser.add_argument("--quick", action="store_true", help="the 448-rank random-init Llama (the default)")
+    parser.add_argument("--model", choices=["toy", "smollm2"], default="toy")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128, help="smollm2: tokens per example")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--start", type=float, default=0.1)
-    parser.add_argument("--end", type=float, default=0.4)
+    step_or_fraction = lambda v: int(v) if v.isdigit() else float(v)  # noqa: E731
+    parser.add_argument("--start", type=step_or_fraction, default=0.1)
+    parser.add_argument("--end", type=step_or_fraction, default=0.4)
     parser.add_argument("--scoring-examples", type=int, default=32)
+    parser.add_argument("--scoring-batch-size", type=int, default=32, help="toy: examples per scoring micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--refine", type=int, nargs="+", default=[0, 7])
+    parser.add_argument("--refine", type=int, nargs="+", default=[0, 14])
+    parser.add_argument("--exact-sample", type=int, default=25, help="smollm2: ranks timed exactly (2 ablations each)")
+    parser.add_argument("--subset-layers", type=int, nargs="+", default=[0, 15, 29],
+                        help="smollm2 agreement run: adapt all 7 types in these layers only")
+    parser.add_argument("--skip-costs", action="store_true", help="smollm2: only the agreement run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args)
-    summary = summarise(result, args.refine)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scoring_quick.json").write_text(json.dumps({"args": vars(args), "summary": summary, **result}, indent=1))
-    scatter(result, args.refine[0], RESULTS / "scoring_quick.png")
+    out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"}
+    if args.model == "smollm2":
+        if not args.skip_costs:
+            out["costs"] = real_costs(args)
+        setup = smollm2_setup(args, target_modules="all-linear", layers_to_transform=args.subset_layers)
+    else:
+        setup = toy_setup(args)
+    result = run(args, *setup)
+    summary = summarise(result, args.refine)
+    name = "quick" if args.model == "toy" else args.model
+    (RESULTS / f"scoring_{name}.json").write_text(json.dumps({**out, "summary": summary, **result}, indent=1))
+    scatter(result, args.refine[0], RESULTS / f"scoring_{name}.png")
     for refine in args.refine:
         s = summary[f"refine{refine}"]
         print(f"fast refine={refine}: speedup x{s['speedup']:.1f} (median), {s['pass_equivalents']:.1f} scoring-pass "
               f"equivalents, spearman {s['spearman_median']:.3f}, pruned-set agreement {s['pruned_set_agreement']:.2f}, "
               f"plan agreement {s['plan_agreement']:.2f}, worst regret {s['regret_max']:.2e}")
     default = summary[f"refine{args.refine[-1]}"]
-    print(json.dumps({"speedup": default["speedup"], "pruned_set_agreement": default["pruned_set_agreement"],
-                      "plan_agreement": default["plan_agreement"], "refine": args.refine[-1]}))
+    line = {"speedup": default["speedup"], "pruned_set_agreement": default["pruned_set_agreement"],
+            "plan_agreement": default["plan_agreement"], "refine": args.refine[-1]}
+    if "costs" in out:
+        line["real_fast_round_in_train_steps"] = out["costs"]["fast_round_in_train_steps"]
+        line["real_speedup"] = out["costs"]["speedup"]
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

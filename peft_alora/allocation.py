@@ -1,4 +1,4 @@
-"""Rank allocation decisions for ALoRA (ALGORITHM.md §2, §4, §5).
+"""Rank allocation decisions for ALoRA (docs/algorithm.md §2, §4, §5).
 
 Pure Python: no torch, no modules. A rank is named by ``(module_name, slot)``,
 where ``slot`` is its index in the module's LoRA matrices. The caller scores the
@@ -77,7 +77,7 @@ def plan_regrowth(
     mean_scores: Mapping[str, float],
     n: int,
 ) -> Dict[str, int]:
-    """Decide how many freed ranks each module receives (ALGORITHM.md §5).
+    """Decide how many freed ranks each module receives (docs/algorithm.md §5).
 
     ``active`` is the active-rank count per module after this round's pruning.
     Candidates are the modules of ``active`` that lost no rank this round

@@ -6,8 +6,12 @@ Works with any training loop: call :meth:`RankAllocator.step` after every optimi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +23,14 @@ from .regrowth import gradient_directions
 from .report import split_module_name
 from .scoring import SCORERS, ScoringSet, eval_mode, scoring_loss
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+logger = logging.getLogger(__name__)
+
+
+def loud_warning(message: str) -> None:
+    """Loud on purpose: in the log and as a Python warning (a budget loss must not pass unnoticed)."""
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def resolve_schedule(config, total_steps: int) -> list[int]:
@@ -28,13 +39,21 @@ def resolve_schedule(config, total_steps: int) -> list[int]:
     if start < 1:
         raise ValueError("ALoRAConfig.allocation_start must be at least 1 optimizer step (train before scoring).")
     rounds = config.allocation_rounds
+    end = None
+    if config.allocation_interval is None and config.allocation_end is not None:
+        end = resolve_steps(config.allocation_end, total_steps, "ALoRAConfig.allocation_end")
+        if end < start:
+            raise ValueError(
+                f"ALoRAConfig.allocation_end ({config.allocation_end!r} = step {end}) is before allocation_start "
+                f"({config.allocation_start!r} = step {start}) in a {total_steps}-step run: set allocation_end >= "
+                "allocation_start."
+            )
     if config.allocation_interval is not None or rounds == 1:
         interval = 1 if config.allocation_interval is None else resolve_steps(
             config.allocation_interval, total_steps, "ALoRAConfig.allocation_interval")
         return schedule_steps(start, interval, rounds, total_steps, start_name="ALoRAConfig.allocation_start",
                               interval_name="ALoRAConfig.allocation_interval",
                               rounds_name="ALoRAConfig.allocation_rounds")
-    end = resolve_steps(config.allocation_end, total_steps, "ALoRAConfig.allocation_end")
     if end - start < rounds - 1:
         raise ValueError(
             f"ALoRAConfig: {rounds} rounds do not fit between step {start} (allocation_start) and step {end} "
@@ -47,6 +66,18 @@ def resolve_schedule(config, total_steps: int) -> list[int]:
             f"{total_steps}-step run: lower allocation_end or train longer."
         )
     return steps
+
+
+def scoring_fingerprint(scoring: ScoringSet) -> str:
+    """SHA-256 of the scoring set's tensors (token ids, labels, masks): a changed eval set changes it."""
+    digest = hashlib.sha256()
+    for batch in scoring.batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _unwrap_tuner(model) -> ALoRAModel:
@@ -62,11 +93,14 @@ def _unwrap_tuner(model) -> ALoRAModel:
 
 
 class RankAllocator:
-    """Runs the rounds of ALGORITHM.md §4 on ``model`` (a PeftModel holding an ALoRA adapter).
+    """Runs the rounds of docs/algorithm.md on ``model`` (a PeftModel holding an ALoRA adapter).
 
     ``step(global_step, optimizer)`` after each optimizer step; it returns the round's record
     (a dict, also appended to ``history``) when a round ran. ``state_dict()`` /
     ``load_state_dict()`` give a JSON-serialisable state for checkpoints.
+
+    ``budget_initial`` is ``r`` x the number of gated modules; ``budget`` is what the run can still
+    hold: a round whose freed ranks do not all fit lowers it (with a warning), and it never rises.
     """
 
     def __init__(
@@ -81,6 +115,9 @@ class RankAllocator:
         self.model = model
         self.tuner = _unwrap_tuner(model)
         self.adapter = adapter_name or self.tuner.active_adapters[0]
+        if self.adapter not in self.tuner.peft_config:
+            raise ValueError(f"RankAllocator: no adapter named {self.adapter!r}; the model holds "
+                             f"{sorted(self.tuner.peft_config)}.")
         self.config = self.tuner.peft_config[self.adapter]
         self.layers = dict(self.tuner.gated_layers(self.adapter))
         if not self.layers:
@@ -89,19 +126,24 @@ class RankAllocator:
         self.total_steps = total_steps
         self.schedule = resolve_schedule(self.config, total_steps)
         self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})
-        self.budget = self.config.r * len(self.layers)
+        self.budget_initial = self.config.r * len(self.layers)
+        if self.ranks_per_round >= self.budget_initial:
+            source = "" if self.config.ranks_per_round else " (the default: one per target module type)"
+            raise ValueError(
+                f"ALoRAConfig.ranks_per_round={self.ranks_per_round}{source} would prune all "
+                f"{self.budget_initial} ranks of this model (r={self.config.r} x {len(self.layers)} modules) in the "
+                f"first round: set ranks_per_round below {self.budget_initial}, or raise r."
+            )
+        self.budget = self.budget_initial
         self.seed = seed
         self.progress = progress
+        self.rounds_done = 0
         self.history: list[dict] = [self._record(round_index=0, step=0, plan=RoundPlan(), seconds=0.0)]
 
     # ---- state --------------------------------------------------------------------------------
 
     def active_slots(self) -> dict[str, list[int]]:
         return {name: layer.active_slots(self.adapter) for name, layer in self.layers.items()}
-
-    @property
-    def rounds_done(self) -> int:
-        return len(self.history) - 1
 
     def _record(self, round_index, step, plan: RoundPlan, seconds, loss=None, grown_slots=None) -> dict:
         active = {name: layer.num_active(self.adapter) for name, layer in self.layers.items()}
@@ -114,26 +156,69 @@ class RankAllocator:
             "active": active,
             "active_total": sum(active.values()),
             "budget": self.budget,
+            "budget_initial": self.budget_initial,
             "trainable_params": self.tuner.count_active_parameters(self.adapter),
             "scoring_seconds": seconds,
             "scoring_loss": loss,
         }
 
+    def decision_settings(self) -> dict:
+        """Everything that shapes this run's decisions; a resume must match it (see load_state_dict)."""
+        config = self.config
+        return {
+            "r": config.r, "max_r": config.capacity, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+            "ranks_per_round": self.ranks_per_round, "scoring_examples": config.scoring_examples,
+            "scoring_batch_size": config.scoring_batch_size, "scorer": config.scorer,
+            "scoring_refine": config.scoring_refine,
+            "allocation_start": config.allocation_start, "allocation_end": config.allocation_end,
+            "allocation_interval": config.allocation_interval, "allocation_rounds": config.allocation_rounds,
+            "init_lora_weights": config.init_lora_weights, "modules": sorted(self.layers), "seed": self.seed,
+            "total_steps": self.total_steps, "scoring_set": scoring_fingerprint(self.scoring),
+        }
+
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "schedule": self.schedule, "history": self.history}
+        return {"version": STATE_VERSION, "schedule": self.schedule, "rounds_done": self.rounds_done,
+                "budget": self.budget, "settings": self.decision_settings(), "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown ALoRA allocator state version {state.get('version')!r}")
+        """Restore a checkpoint's state; refuses one taken with other decision settings (listed)."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unknown ALoRA allocator state version {version!r}")
+        if version == 1:
+            loud_warning("ALoRA: this checkpoint predates the settings check (state version 1): only its "
+                         "schedule is compared with this run's.")
+        else:
+            ours = json.loads(json.dumps(self.decision_settings()))  # JSON-normalised like the saved one
+            saved = state["settings"]
+            differ = [f"{key} (checkpoint {saved.get(key)!r}, now {ours.get(key)!r})"
+                      for key in sorted(set(saved) | set(ours)) if saved.get(key) != ours.get(key)]
+            if differ:
+                raise ValueError(
+                    "this run's ALoRA settings differ from the checkpoint's: " + "; ".join(differ) + ". Resume "
+                    "with the same ALoRAConfig, seed, scoring data and number of training steps, or start a new run."
+                )
         if state["schedule"] != self.schedule:
             raise ValueError(
                 f"the checkpoint's ALoRA schedule {state['schedule']} differs from this run's {self.schedule}: "
                 "resume with the same ALoRAConfig and the same number of training steps."
             )
         self.history = list(state["history"])
+        self.rounds_done = int(state.get("rounds_done", len(self.history) - 1))
+        self.budget = int(state.get("budget", self.history[-1].get("budget", self.budget_initial)))
         if self.history[-1]["active"] != {n: len(s) for n, s in self.active_slots().items()}:
             raise ValueError("the model's gates do not match the checkpoint's allocation history: "
                              "load the adapter weights of the same checkpoint.")
+
+    def restore_position(self, global_step: int) -> None:
+        """Resume without saved allocator state: the rounds scheduled at or before ``global_step`` count as
+        done (so later rounds keep their index and their seeded draws) and the gates are taken as loaded."""
+        self.rounds_done = sum(1 for step in self.schedule if step <= global_step)
+        active_total = sum(layer.num_active(self.adapter) for layer in self.layers.values())
+        self.budget = min(self.budget_initial, active_total) if self.rounds_done else self.budget_initial
+        record = self._record(round_index=self.rounds_done, step=global_step, plan=RoundPlan(), seconds=0.0)
+        record["restored"] = True
+        self.history = [record]
 
     # ---- rounds -------------------------------------------------------------------------------
 
@@ -146,23 +231,53 @@ class RankAllocator:
             return None
         return self.run_round(global_step, optimizer)
 
+    def check_ready(self) -> None:
+        """Refuse to score when the scores would be meaningless: adapter not the one active, merged, disabled."""
+        active = list(self.tuner.active_adapters)
+        if active != [self.adapter]:
+            raise ValueError(
+                f"ALoRA scores adapter {self.adapter!r} with the model's forward, but the active adapter(s) are "
+                f"{active}: call model.set_adapter({self.adapter!r}) before training/allocating."
+            )
+        if any(layer.merged for layer in self.layers.values()):
+            raise ValueError("ALoRA cannot score a merged adapter (its ranks no longer have gates in the forward): "
+                             "call model.unmerge_adapter() before training/allocating.")
+        if any(layer.disable_adapters for layer in self.layers.values()):
+            raise ValueError("ALoRA cannot score while the adapters are disabled (disable_adapter()): "
+                             "leave that context before training/allocating.")
+
     def score(self) -> dict:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
-        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config)
+        return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config,
+                      n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
+        self.check_ready()
         started = time.perf_counter()
         scores = self.score()
         seconds = time.perf_counter() - started
         active = self.active_slots()
         capacity = {name: layer.capacity(self.adapter) for name, layer in self.layers.items()}
-        plan = plan_round(scores, active, capacity, min(self.ranks_per_round, len(scores)))
-        grown_slots = self.apply(plan, optimizer, round_index=self.rounds_done + 1)
+        round_index = self.rounds_done + 1
+        n = min(self.ranks_per_round, len(scores) - 1)  # never prune the last active rank
+        if n < self.ranks_per_round:
+            loud_warning(f"ALoRA round {round_index} (step {global_step}): only {len(scores)} ranks are active, "
+                         f"so it prunes {max(n, 0)} instead of ranks_per_round={self.ranks_per_round}.")
+        plan = plan_round(scores, active, capacity, max(n, 0))
+        if plan.n_grown < plan.n_pruned:
+            budget = self.budget - (plan.n_pruned - plan.n_grown)
+            loud_warning(f"ALoRA round {round_index} (step {global_step}): pruned {plan.n_pruned} ranks but only "
+                         f"{plan.n_grown} fit in modules that lost none this round (max_r={self.config.capacity}); "
+                         f"the rank budget drops from {self.budget} to {budget}. Raise max_r or lower "
+                         "ranks_per_round to keep it.")
+            self.budget = budget
+        grown_slots = self.apply(plan, optimizer, round_index=round_index)
         with eval_mode(self.model):
             loss = scoring_loss(self.model, self.scoring)
-        record = self._record(self.rounds_done + 1, global_step, plan, seconds, loss, grown_slots)
+        self.rounds_done = round_index
+        record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
         self.history.append(record)
         return record

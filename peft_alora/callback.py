@@ -11,15 +11,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import warnings
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .allocator import RankAllocator
+from .allocator import RankAllocator, loud_warning
+from .config import ALoRAConfig
 from .report import write_report
-from .scoring import NO_SCORING_DATA, ScoringSet
+from .scoring import IGNORE_INDEX, NO_SCORING_DATA, ScoringSet
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,20 @@ def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: 
     A map-style dataset is sampled with a generator seeded by ``seed``; a streaming (iterable)
     dataset gives its first ``n_examples``.
     """
+    given = dataset
     if dataset is None:
         dataset = trainer.eval_dataset
         if isinstance(dataset, dict):
             name = sorted(dataset)[0]
             logger.info("ALoRA: scoring on eval dataset %r", name)
             dataset = dataset[name]
-    else:
-        dataset = _prepared(trainer, dataset)
     if dataset is None:
         raise ValueError(NO_SCORING_DATA)
+    source = "the trainer's eval_dataset" if given is None else "scoring_dataset"
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"ALoRA: {source} is empty: give it examples to score on.")
+    if given is not None:
+        dataset = _prepared(trainer, dataset)
     collator = trainer.data_collator
     if not hasattr(dataset, "__len__"):  # streaming
         examples = list(itertools.islice(dataset, n_examples))
@@ -66,7 +72,39 @@ def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: 
         else:
             examples = [dataset[i] for i in indices]
             collator = trainer._get_collator_with_removed_columns(collator, description="ALoRA scoring")
-    return ScoringSet([collator(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)])
+    if not examples:
+        raise ValueError(f"ALoRA: {source} has no example left after the trainer prepared it (TRL drops examples "
+                         "whose completion was truncated away): give shorter scoring examples or raise max_length.")
+    scoring = ScoringSet([collator(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)])
+    untrained = sum(int(((batch["labels"][..., 1:] != IGNORE_INDEX).sum(-1) == 0).sum()) for batch in scoring.batches)
+    if len(examples) < n_examples or untrained:
+        message = (f"ALoRA scores on {len(examples) - untrained} example(s) with trained tokens instead of "
+                   f"scoring_examples={n_examples}: {source} gave {len(examples)}, {untrained} of them with every "
+                   "label masked (e.g. the completion truncated away). Give more or shorter examples, or raise "
+                   "max_length.")
+        loud_warning(message)
+    return scoring
+
+
+def _alora_config(model, adapter_name: Optional[str]):
+    """The ALoRAConfig of the adapter to allocate, or a TypeError that says what the model holds instead."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise TypeError(
+            f"ALoRACallback: the trainer's model ({type(model).__name__}) holds no PEFT adapter: wrap it with "
+            "get_peft_model(model, ALoRAConfig(...)) or pass peft_config=ALoRAConfig(...) to SFTTrainer."
+        )
+    name = adapter_name or getattr(model, "active_adapter", None) or sorted(configs)[0]
+    if isinstance(name, list):
+        name = name[0]
+    if name not in configs:
+        raise ValueError(f"ALoRACallback(adapter_name={name!r}): the model's adapters are {sorted(configs)}.")
+    if not isinstance(configs[name], ALoRAConfig):
+        raise TypeError(
+            f"ALoRACallback: adapter {name!r} is a {type(configs[name]).__name__}, not an ALoRAConfig: create it with "
+            "peft_alora.ALoRAConfig (or drop the callback for plain LoRA)."
+        )
+    return configs[name]
 
 
 class ALoRACallback(TrainerCallback):
@@ -89,7 +127,7 @@ class ALoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = model if model is not None else self.trainer.model
-        tuner_config = model.peft_config[self.adapter_name or model.active_adapter]
+        tuner_config = _alora_config(model, self.adapter_name)
         scoring = build_scoring_set(self.trainer, self.scoring_dataset, tuner_config.scoring_examples,
                                     tuner_config.scoring_batch_size, args.seed)
         show = state.is_local_process_zero and not args.disable_tqdm
@@ -101,9 +139,12 @@ class ALoRACallback(TrainerCallback):
         if saved is not None and state.global_step > 0:
             self.allocator.load_state_dict(saved)  # resumed from a checkpoint
         elif state.global_step > 0:
-            logger.warning("ALoRA: resuming at step %d from a checkpoint without ALoRA allocator state; the "
-                           "rounds scheduled up to that step are skipped.", state.global_step)
-            self.allocator.schedule = [s for s in self.allocator.schedule if s > state.global_step]
+            self.allocator.restore_position(state.global_step)
+            logger.warning(
+                "ALoRA: resuming at step %d from a checkpoint whose trainer_state.json has no %r entry: the %d "
+                "round(s) scheduled up to that step count as done, the allocation is taken from the loaded gates, "
+                "and the settings of the interrupted run cannot be compared with this one's; the report's history "
+                "starts here.", state.global_step, STATE_KEY, self.allocator.rounds_done)
         state.stateful_callbacks[STATE_KEY] = self.allocator.state_dict()
         if state.is_world_process_zero:
             logger.info("ALoRA: %d gated modules, budget %d ranks, rounds after steps %s, %d ranks per round",
@@ -120,6 +161,7 @@ class ALoRACallback(TrainerCallback):
             "alora/pruned": len(record["pruned"]),
             "alora/added": sum(record["grown"].values()),
             "alora/active_ranks": record["active_total"],
+            "alora/budget": record["budget"],
             "alora/trainable_params": record["trainable_params"],
             "alora/scoring_seconds": round(record["scoring_seconds"], 3),
             "alora/scoring_loss": record["scoring_loss"],
@@ -141,5 +183,12 @@ class ALoRACallback(TrainerCallback):
             return
         out_dir = self.report_dir or args.output_dir
         losses = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry and "step" in entry]
-        self.report_paths = write_report(self.allocator.history, out_dir, loss_curve=losses)
+        try:
+            self.report_paths = write_report(self.allocator.history, out_dir, loss_curve=losses)
+        except Exception as error:  # the trained model matters more than its report: never lose it here
+            message = (f"ALoRA: could not write the allocation report to {os.path.abspath(out_dir)} ({error!r}); "
+                       "training is not affected, and the history is still in callback.allocator.history.")
+            logger.error(message)
+            warnings.warn(message, stacklevel=2)
+            return
         logger.info("ALoRA allocation report written to %s", os.path.abspath(out_dir))

@@ -38,16 +38,17 @@ StepOrFraction = Union[int, float]
 
 
 def _check_step_or_fraction(name: str, value, allow_none: bool = False) -> None:
+    """A schedule point: optimizer steps (int >= 1: a round needs training before it) or a fraction."""
     if value is None and allow_none:
         return
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok and isinstance(value, numbers.Integral):
-        ok = value >= 0
+        ok = value >= 1
     elif ok:
         ok = 0.0 < float(value) <= 1.0
     if not ok:
         raise ValueError(
-            f"ALoRAConfig.{name}={value!r}: give a number of optimizer steps (int >= 0) or a fraction "
+            f"ALoRAConfig.{name}={value!r}: give a number of optimizer steps (int >= 1) or a fraction "
             "of the run's total optimizer steps (float in (0, 1])."
         )
 
@@ -64,7 +65,8 @@ class ALoRAConfig(LoraConfig):
     """
 
     max_r: Optional[int] = field(
-        default=None, metadata={"help": "Rank slots per module (capacity). Default: 2 * r."}
+        default=None,
+        metadata={"help": "Rank slots per module (capacity), > r. Default (None): 2 * r, following r."},
     )
     allocation_start: StepOrFraction = field(
         default=0.1, metadata={"help": "Optimizer step (int) or fraction of the run (float) of the first round."}
@@ -85,14 +87,14 @@ class ALoRAConfig(LoraConfig):
     scoring_examples: int = field(default=32, metadata={"help": "Size of the fixed scoring set (paper: 32)."})
     scoring_batch_size: int = field(default=8, metadata={"help": "Micro-batch size of the scoring forward passes."})
     scorer: str = field(
-        default="exact",
-        metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from two gradient "
-                          "passes, 'exact' runs 2 scoring passes per rank (the reference)."},
+        default="fast",
+        metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from gradient "
+                          "passes (first order), 'exact' runs 2 scoring passes per rank (the reference)."},
     )
     scoring_refine: int = field(
         default=0,
-        metadata={"help": "With scorer='fast': re-score this many of the lowest estimates exactly "
-                          "(2 scoring passes each)."},
+        metadata={"help": "With scorer='fast': at most this many ranks whose estimate could reach the pruning "
+                          "threshold are re-scored exactly (2 scoring passes each). 0: first order only."},
     )
     regrow_init: str = field(
         default="gradient",
@@ -127,6 +129,29 @@ class ALoRAConfig(LoraConfig):
                 "and moves ranks itself. Use `r` and `max_r` instead."
             )
 
+    def to_dict(self):
+        """What ``save_pretrained`` writes: ``max_r`` resolved, so the file states the slot count it was saved with."""
+        data = super().to_dict()
+        data["max_r"] = self.capacity
+        return data
+
+    @property
+    def capacity(self) -> int:
+        """Rank slots per module: ``max_r``, or ``2 * r`` when ``max_r`` is None."""
+        return self.max_r if self.max_r is not None else 2 * self.r
+
+    def _check_schedule_order(self) -> None:
+        """``allocation_end`` before ``allocation_start`` is refused whenever both are the same kind (steps or
+        fractions); mixed kinds are compared once the run's length is known."""
+        start, end = self.allocation_start, self.allocation_end
+        if end is None or isinstance(start, numbers.Integral) != isinstance(end, numbers.Integral):
+            return
+        if end < start:
+            raise ValueError(
+                f"ALoRAConfig.allocation_end={end!r} is before allocation_start={start!r}: the rounds run from start "
+                "to end, so set allocation_end >= allocation_start (or allocation_end=None with allocation_rounds=1)."
+            )
+
     def _check_allocation_fields(self) -> None:
         def positive_int(name, value, allow_none=False):
             if value is None and allow_none:
@@ -136,12 +161,12 @@ class ALoRAConfig(LoraConfig):
 
         positive_int("r", self.r)
         positive_int("max_r", self.max_r, allow_none=True)
-        if self.max_r is None:
-            self.max_r = 2 * self.r
-        if self.max_r < self.r:
+        # max_r stays None when not given, so that dataclasses.replace(config, r=...) moves the capacity too
+        if self.max_r is not None and self.max_r <= self.r:
             raise ValueError(
-                f"ALoRAConfig.max_r={self.max_r} is below the initial rank r={self.r}: set max_r >= r "
-                "(default 2 * r)."
+                f"ALoRAConfig.max_r={self.max_r} must be above the initial rank r={self.r}: freed ranks may only "
+                "go to modules that lost none in the same round, and with max_r <= r those are all full, so every "
+                "round would shrink the rank budget. Raise max_r (default 2 * r), e.g. max_r=2 * r."
             )
         positive_int("allocation_rounds", self.allocation_rounds)
         positive_int("ranks_per_round", self.ranks_per_round, allow_none=True)
@@ -162,6 +187,7 @@ class ALoRAConfig(LoraConfig):
             raise ValueError(
                 "ALoRAConfig: with allocation_rounds > 1, set allocation_end or allocation_interval."
             )
+        self._check_schedule_order()
         if self.regrow_init not in REGROW_INITS:
             raise ValueError(f"ALoRAConfig.regrow_init={self.regrow_init!r}: choose one of {REGROW_INITS}.")
         if self.scorer not in SCORERS:

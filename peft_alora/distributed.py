@@ -13,11 +13,11 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
-def sum_across_processes(vector: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """All-reduce (sum) a float64 CPU vector; every process gets the same bits back."""
+def sum_across_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """All-reduce (sum) a tensor; every process gets the same bits back, on the tensor's own device."""
     if world()[0] == 1:
-        return vector
+        return tensor
     dist = torch.distributed
-    moved = vector.to(device) if dist.get_backend() == "nccl" else vector
+    moved = tensor.to(device) if dist.get_backend() == "nccl" else tensor.cpu()
     dist.all_reduce(moved)
-    return moved.cpu()
+    return moved.to(tensor.device)

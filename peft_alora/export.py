@@ -11,6 +11,7 @@ the patterns) and in vLLM (which ignores them). Modules left with rank 0 are not
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from safetensors.torch import save_file
 from .layers import GatedLoraMixin
 
 GATE_SUFFIX = ".lora_gate"
+SCALE_SUFFIX = ".lora_scale"  # ALoRA's own check value; folded into B like the gate
 PEFT_MODEL_PREFIX = "base_model.model."
+# LoraConfig fields set by PEFT itself or describing how the adapter was matched / initialised, not what it computes
+_NOT_CARRIED = {"peft_type", "peft_version", "exclude_modules", "layers_to_transform", "layers_pattern"}
 
 
 def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -39,7 +43,7 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
     gate_keys = [k for k in state if k.endswith(GATE_SUFFIX)]
     if not gate_keys:
         raise ValueError(f"adapter {adapter_name!r} has no ALoRA gates: is this an ALoRA model?")
-    out = {k: v for k, v in state.items() if not k.endswith(GATE_SUFFIX)}
+    out = {k: v for k, v in state.items() if not k.endswith((GATE_SUFFIX, SCALE_SUFFIX))}
     ranks: dict[str, int] = {}
     for gate_key in gate_keys:
         module_key = gate_key[: -len(GATE_SUFFIX)]
@@ -52,6 +56,11 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
         name = module_key.removeprefix(PEFT_MODEL_PREFIX)
         ranks[name] = int(active.numel())
         if active.numel() == 0:
+            if any(k.startswith(module_key + ".") for k in out):  # e.g. its trained bias (bias="lora_only"/"all")
+                # stay targeted, so the stock loader finds those entries, with one rank that adds exactly zero
+                ranks[name] = 1
+                out[a_key] = torch.zeros_like(weight_a[:1])
+                out[b_key] = torch.zeros_like(weight_b[:, :1])
             continue
         scale = layer.scaling[adapter_name]
         out[a_key] = weight_a[active].contiguous()
@@ -71,23 +80,13 @@ def export_lora(model, path: str | os.PathLike, adapter_name: str = "default") -
     if not kept:
         raise ValueError(f"adapter {adapter_name!r} has no active rank left in any module: nothing to export.")
     largest = max(kept.values())
-    lora_config = LoraConfig(
-        r=largest,
-        lora_alpha=largest,
-        rank_pattern=dict(kept),
-        alpha_pattern=dict(kept),
-        target_modules=sorted(kept),
-        lora_dropout=config.lora_dropout,
-        fan_in_fan_out=config.fan_in_fan_out,
-        bias=config.bias,
-        use_rslora=False,
-        modules_to_save=config.modules_to_save,
-        init_lora_weights=True,
-        base_model_name_or_path=config.base_model_name_or_path,
-        revision=config.revision,
-        task_type=config.task_type,
-        inference_mode=True,
-    )
+    # every LoRA setting carries over (bias, modules_to_save, trainable_token_indices, ...); only the ranks and
+    # scales are rewritten, so that nothing the model computes with is left out of the export
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig)
+                if f.init and f.name not in _NOT_CARRIED}
+    settings.update(r=largest, lora_alpha=largest, rank_pattern=dict(kept), alpha_pattern=dict(kept),
+                    target_modules=sorted(kept), use_rslora=False, init_lora_weights=True, inference_mode=True)
+    lora_config = LoraConfig(**settings)
     out_dir = Path(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora_config.save_pretrained(str(out_dir))

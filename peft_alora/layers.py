@@ -11,6 +11,7 @@ LoRA's layers call for forward, merge and unmerge.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -18,6 +19,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
+
+from .config import ALoRAConfig
 
 
 class GatedVariant(LoraVariant):
@@ -67,18 +70,25 @@ class GatedLoraMixin:
     """Adds rank slots, the gate and the rank-state API to a PEFT LoRA layer class."""
 
     # per-adapter state besides LoRA's own; listed so that PEFT's delete_adapter removes it too
-    other_param_names = LoraLayer.other_param_names + ("lora_gate", "r_init", "init_lora_weights")
+    other_param_names = LoraLayer.other_param_names + ("lora_gate", "lora_scale", "r_init", "init_lora_weights")
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
         return GatedVariant()
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        if not isinstance(config, ALoRAConfig):
+            raise TypeError(
+                f"adapter {adapter_name!r} ({type(config).__name__}) cannot be added to a module that holds an ALoRA "
+                "adapter: ALoRA and other LoRA adapters cannot share modules. Use ALoRAConfig for every adapter of "
+                "this model, or load the other adapter into a fresh copy of the base model."
+            )
         if not hasattr(self, "lora_gate"):
             self.lora_gate = BufferDict(persistent=True)
+            self.lora_scale = BufferDict(persistent=True)
             self.r_init = {}
             self.init_lora_weights = {}
         r_init = r
-        capacity = config.max_r if config.max_r is not None else 2 * r_init
+        capacity = config.capacity
         super().update_layer(adapter_name, capacity, lora_alpha=lora_alpha, config=config, **kwargs)
         # PEFT sized everything for `capacity` slots; the scale follows the initial rank instead.
         self.r[adapter_name] = r_init
@@ -95,12 +105,52 @@ class GatedLoraMixin:
         gate = torch.zeros(capacity, dtype=torch.float32, device=device)
         gate[:r_init] = 1.0
         self.lora_gate[adapter_name] = gate
+        # saved with the weights, so that a load can tell when r / lora_alpha in adapter_config.json were changed
+        self.lora_scale[adapter_name] = torch.tensor([self.scaling[adapter_name]], dtype=torch.float32, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for adapter in self.lora_gate:
+            if f"{prefix}lora_A.{adapter}.weight" in state_dict:  # this load carries weights of `adapter`
+                self._check_loaded_adapter(state_dict, prefix, adapter)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_adapter(self, state_dict, prefix, adapter: str) -> None:
+        """Refuse adapter files whose gates are missing or not 0/1, or whose scale disagrees with the config."""
+        where = prefix.removeprefix("base_model.model.").rstrip(".")
+        gate = state_dict.get(f"{prefix}lora_gate.{adapter}")
+        if gate is None:
+            raise ValueError(
+                f"the adapter weights of {where} have no lora_gate: an ALoRA adapter file carries its gates (the "
+                "allocation); without them it would silently restart from the first r slots. Load a file written "
+                "by save_pretrained of an ALoRA model (a stock LoRA export loads with peft.LoraConfig instead)."
+            )
+        capacity = self.lora_gate[adapter].numel()
+        if gate.shape != (capacity,):
+            raise ValueError(
+                f"lora_gate of {where} has shape {tuple(gate.shape)}, but the config gives {capacity} slots (max_r): "
+                "adapter_config.json does not match these weights; restore its r / max_r."
+            )
+        gate = gate.float()
+        if not bool(torch.isfinite(gate).all()) or not bool(((gate == 0) | (gate == 1)).all()):
+            bad = sorted({float(v) for v in gate[(gate != 0) & (gate != 1)].tolist()})
+            raise ValueError(f"lora_gate of {where} holds values other than 0 and 1 ({bad}): the adapter file is "
+                             "damaged or was edited; gates are on/off switches.")
+        scale = state_dict.get(f"{prefix}lora_scale.{adapter}")
+        if scale is None:
+            warnings.warn(f"ALoRA: the adapter weights of {where} carry no lora_scale (saved by an older "
+                          "peft_alora): r and lora_alpha of adapter_config.json cannot be checked against them.")
+        elif not math.isclose(float(scale.reshape(-1)[0]), self.scaling[adapter], rel_tol=1e-6):
+            raise ValueError(
+                f"the weights of {where} were trained with the scale {float(scale.reshape(-1)[0]):g} "
+                f"(lora_alpha / r), but adapter_config.json gives {self.scaling[adapter]:g}: restore the original "
+                "r, lora_alpha and use_rslora in adapter_config.json."
+            )
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name, device=None):
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
-        gates = getattr(self, "lora_gate", None)
-        if gates is not None and adapter_name in gates and gates[adapter_name].dtype != torch.float32:
-            gates[adapter_name] = gates[adapter_name].float()  # 0/1 gates stay fp32 whatever the base dtype
+        for buffers in (getattr(self, "lora_gate", None), getattr(self, "lora_scale", None)):
+            if buffers is not None and adapter_name in buffers and buffers[adapter_name].dtype != torch.float32:
+                buffers[adapter_name] = buffers[adapter_name].float()  # gates and scales stay fp32 whatever the base
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         weight_A = self.lora_A[adapter].weight
@@ -126,7 +176,13 @@ class GatedLoraMixin:
     def active_parameter_count(self, adapter: str) -> int:
         return self.num_active(adapter) * (self.in_features + self.out_features)
 
+    def _check_unmerged(self, adapter: str) -> None:
+        if adapter in self.merged_adapters:
+            raise ValueError(f"adapter {adapter!r} is merged into the base weights: changing its gates now would "
+                             "make unmerge_adapter() subtract the wrong delta. Call unmerge_adapter() first.")
+
     def deactivate_slot(self, adapter: str, slot: int) -> None:
+        self._check_unmerged(adapter)
         gate = self.lora_gate[adapter]
         if gate[slot] == 0:
             raise ValueError(f"slot {slot} of adapter {adapter!r} is already inactive")
@@ -139,6 +195,7 @@ class GatedLoraMixin:
 
         ``direction`` (a unit vector of length ``in_features``), when given, is where the new A row
         points; it keeps the norm of the random row it replaces (see ``peft_alora.regrowth``)."""
+        self._check_unmerged(adapter)
         gate = self.lora_gate[adapter]
         if gate[slot] != 0:
             raise ValueError(f"slot {slot} of adapter {adapter!r} is already active")

@@ -6,17 +6,35 @@ import warnings
 from typing import Iterator
 
 import torch
-from peft.tuners.lora import LoraModel
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 from .layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, GatedLoraMixin
 
 
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes (0.50) from repacking CPU 4-bit weights for inference.
+
+    It repacks on the first eval-mode forward without gradients (an evaluation, an exact scoring
+    pass), and the repacked kernel has no backward: every later gradient through that layer's input
+    is silently lost (seen: all q_proj gate gradients 0, training included). Targeted or not, every
+    4-bit layer of the model keeps its trainable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class ALoRAModel(LoraModel):
     """Injects :class:`GatedLinear` (and its 4-bit / 8-bit twins) instead of LoRA's layers."""
 
     prefix: str = "lora_"
+
+    def inject_adapter(self, model, *args, **kwargs):
+        super().inject_adapter(model, *args, **kwargs)
+        keep_4bit_layers_differentiable(model)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
@@ -50,6 +68,23 @@ class ALoRAModel(LoraModel):
             "transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt. Remove it from target_modules."
         )
 
+    def _create_and_replace(self, lora_config, adapter_name, target, *args, **kwargs):
+        if isinstance(target, LoraLayer) and not isinstance(target, GatedLoraMixin):
+            raise TypeError(
+                f"cannot add ALoRA adapter {adapter_name!r} to {type(target).__name__}, which already holds a plain "
+                "LoRA adapter: ALoRA and other LoRA adapters cannot share modules (the ALoRA adapter would silently "
+                "lose its gates). Load the ALoRA adapter into a fresh copy of the base model."
+            )
+        return super()._create_and_replace(lora_config, adapter_name, target, *args, **kwargs)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        """Refused: PEFT's combinations read lora_A / lora_B without the gates of a reallocated adapter."""
+        raise TypeError(
+            "add_weighted_adapter does not support ALoRA adapters: it would combine every rank slot, gates ignored. "
+            "Export each adapter with peft_alora.export_lora, load the exports as LoRA adapters "
+            "(PeftModel.from_pretrained / load_adapter) and combine those."
+        )
+
     # ---- rank-state API ---------------------------------------------------------------------
 
     def _adapter(self, adapter_name: str | None) -> str:
@@ -81,3 +116,21 @@ class ALoRAModel(LoraModel):
         if not isinstance(layer, GatedLoraMixin):
             raise KeyError(f"{module_name!r} is not a gated ALoRA layer")
         return layer
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters in active rank slots, all parameters)``.
+
+        PeftModel's own ``print_trainable_parameters()`` counts every allocated slot (``max_r`` per
+        module, what the optimizer holds); this counts only what the adapter uses and exports.
+        """
+        trainable, total = PeftModel.get_nb_trainable_parameters(self)  # PEFT's count, 4-bit handling included
+        for layer in self.model.modules():
+            for adapter, gate in getattr(layer, "lora_gate", {}).items():
+                if layer.lora_A[adapter].weight.requires_grad:
+                    trainable -= (gate.numel() - layer.num_active(adapter)) * (layer.in_features + layer.out_features)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params (active ALoRA ranks): {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")

@@ -1,4 +1,4 @@
-"""Zero the optimizer moments of re-activated rank slots (DESIGN.md decision 4).
+"""Zero the optimizer moments of re-activated rank slots (docs/design.md, decision 4).
 
 A slot is a row of ``lora_A.weight`` and a column of ``lora_B.weight``. Every per-element state
 tensor of the optimizer that has the parameter's shape (AdamW's ``exp_avg``/``exp_avg_sq``,
@@ -29,7 +29,14 @@ def reset_slot_state(optimizer, param: torch.nn.Parameter, index) -> int:
         return 0  # no step taken with this parameter yet: nothing to reset
     reset = 0
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+            continue
+        if value.shape != param.shape:
+            # e.g. Adafactor's factored second moments: one row and one column statistic shared by many slots
+            warnings.warn(f"ALoRA: optimizer state {key!r} (shape {tuple(value.shape)}, parameter "
+                          f"{tuple(param.shape)}) is shared across rank slots and was not reset for a re-activated "
+                          "slot; a regrown rank starts with the moments of the ranks around it. Use an Adam-type "
+                          "optimizer for exact fresh-slot moments.")
             continue
         if value.dtype.is_floating_point:
             value[index] = 0

@@ -86,8 +86,9 @@ def _active_total(entry: Mapping) -> int:
 def _summary(history: List[Mapping]) -> dict:
     first, last = history[0], history[-1]
     return {
-        "rounds": len(history) - 1,
+        "rounds": int(last.get("round", len(history) - 1)),
         "budget": last.get("budget"),
+        "budget_initial": first.get("budget_initial", first.get("budget")),
         "initial_active_total": _active_total(first),
         "final_active_total": _active_total(last),
         "final_trainable_params": last.get("trainable_params"),

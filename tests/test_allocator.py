@@ -50,7 +50,7 @@ def test_custom_loop_runs_rounds_on_schedule_and_applies_the_plan():
             continue
         ran.append(step)
         scores = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in record["scores"].items()}
-        # pruned = the n lowest scores globally (ALGORITHM §4)
+        # pruned = the n lowest scores globally (docs/algorithm.md §4)
         assert [tuple(r) for r in record["pruned"]] == select_pruned(scores, allocator.ranks_per_round)
         after = allocator.active_slots()
         for module, slot in record["pruned"]:

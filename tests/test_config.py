@@ -15,14 +15,14 @@ from peft_alora import ALoRAConfig
 def test_defaults():
     config = ALoRAConfig(r=8, target_modules=["q_proj"])
     assert config.peft_type is PeftType.ALLOCATING_LORA and config.peft_type.value == "ALLOCATING_LORA"
-    assert config.max_r == 16
-    assert ALoRAConfig(r=3).max_r == 6
-    assert ALoRAConfig(r=3, max_r=3).max_r == 3
+    assert config.max_r is None and config.capacity == 16  # None: 2 * r, following r
+    assert ALoRAConfig(r=3).capacity == 6
+    assert ALoRAConfig(r=3, max_r=4).capacity == 4
     assert (config.allocation_start, config.allocation_end, config.allocation_interval) == (0.1, 0.4, None)
     assert config.allocation_rounds == 8
     assert config.ranks_per_round is None
     assert (config.scoring_examples, config.scoring_batch_size) == (32, 8)
-    assert config.scorer == "exact"
+    assert (config.scorer, config.scoring_refine) == ("fast", 0)
     assert config.init_lora_weights is True and config.use_dora is False
     assert config.rank_pattern == {} and config.alpha_pattern == {}
 
@@ -32,13 +32,18 @@ def test_valid_schedule_variants():
     assert (steps.allocation_start, steps.allocation_end, steps.allocation_interval) == (100, None, 50)
     single = ALoRAConfig(allocation_rounds=1, allocation_end=None)
     assert single.allocation_rounds == 1
-    assert ALoRAConfig(allocation_start=0, allocation_end=1.0).allocation_end == 1.0
+    assert ALoRAConfig(allocation_start=1, allocation_end=1.0).allocation_end == 1.0
 
 
 @pytest.mark.parametrize(
     "kwargs, field_name",
     [
         (dict(r=4, max_r=2), "max_r"),
+        (dict(r=4, max_r=4), "max_r"),
+        (dict(allocation_start=0), "allocation_start"),
+        (dict(allocation_end=None, allocation_interval=0), "allocation_interval"),
+        (dict(allocation_start=10, allocation_end=5), "allocation_end"),
+        (dict(allocation_start=0.5, allocation_end=0.2, allocation_rounds=1), "allocation_end"),
         (dict(r=0), "r"),
         (dict(r=-1), "r"),
         (dict(max_r=0), "max_r"),
@@ -111,3 +116,10 @@ def test_round_trip_through_save_pretrained(tmp_path):
         assert loaded.peft_type is PeftType.ALLOCATING_LORA
         assert loaded.to_dict() == config.to_dict()
         assert loaded.target_modules == {"q_proj", "v_proj"}
+
+
+def test_replace_moves_the_default_capacity_with_r():
+    """max_r left at its default follows r through dataclasses.replace (it used to be frozen at 2 * the old r)."""
+    assert dataclasses.replace(ALoRAConfig(r=4), r=16).capacity == 32
+    with pytest.raises(ValueError, match="max_r"):
+        dataclasses.replace(ALoRAConfig(r=4, max_r=8), r=16)

@@ -59,7 +59,7 @@ def test_qlora_sft_with_allocation_rounds_then_stock_lora_export(tmp_path):
 
     # Compare on fresh 4-bit loads: on CPU, the trained model's 4-bit base layers (in_features 128) were
     # seen to answer differently (4e-3) from a fresh load holding identical packed weights, with the
-    # adapter disabled too -- a bitsandbytes CPU quirk (DESIGN.md point 10), not the adapter.
+    # adapter disabled too -- a bitsandbytes CPU quirk (docs/design.md, decision 10), not the adapter.
     native_dir = tmp_path / "native"
     model.save_pretrained(native_dir)
     ids = TOKENIZER("Q: What is 2 plus 3?\nA: 5", return_tensors="pt")["input_ids"]

@@ -157,7 +157,7 @@ def test_merge_and_unmerge_agree_with_unmerged_forward(build, kind, safe_merge):
     merged = logits_of(model, x)
     torch.testing.assert_close(merged, expected, rtol=0, atol=MERGE_ATOL[kind])
     if kind == "4bit":
-        return  # unmerge after a CPU forward dequantizes repacked weights (DESIGN.md point 10)
+        return  # unmerge after a CPU forward dequantizes repacked weights (docs/design.md, decision 10)
     model.unmerge_adapter()
     assert not any(layer.merged for _, layer in model.base_model.gated_layers())
     torch.testing.assert_close(logits_of(model, x), expected, rtol=0, atol=MERGE_ATOL[kind])

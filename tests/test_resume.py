@@ -119,8 +119,30 @@ def test_restore_callback_states_from_checkpoint_ignores_the_allocator_key(runs,
 
 
 def test_resume_with_another_schedule_is_refused(runs):
-    """The checkpoint's rounds (after steps 4, 8, 12) are not this run's (4, 7, 10): clear error."""
+    """The checkpoint's rounds (after steps 4, 8, 12) are not this run's (4, 7, 10): the error names the field."""
     trainer, callback = toy.build_trainer(str(runs["root"] / "C"), tokenizer=runs["tokenizer"],
                                           alora={"allocation_end": 10})
-    with pytest.raises(ValueError, match="schedule"):
+    with pytest.raises(ValueError, match=r"allocation_end \(checkpoint 12, now 10\)"):
         trainer.train(resume_from_checkpoint=str(runs["root"] / "B" / "checkpoint-4"))
+
+
+def test_resume_from_a_checkpoint_without_allocator_state_keeps_the_round_index(runs, tmp_path, caplog):
+    """trainer_state.json lost the ALoRA entry: the rounds up to the checkpoint count as done (so the later
+    rounds draw with their own seeds), the warning says so, and the run still ends like the uninterrupted one."""
+    import shutil
+
+    checkpoint = tmp_path / "checkpoint-6"
+    shutil.copytree(runs["root"] / "B" / "checkpoint-6", checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["ALoRAAllocator"]
+    state_file.write_text(json.dumps(state))
+    trainer, callback = toy.build_trainer(str(tmp_path / "out"), tokenizer=runs["tokenizer"])
+    with caplog.at_level(logging.WARNING, logger="peft_alora.callback"):
+        result, weights = _finish(trainer, callback, resume_from=str(checkpoint))
+    message = " ".join(r.getMessage() for r in caplog.records if r.name == "peft_alora.callback")
+    assert "1 round(s) scheduled up to that step count as done" in message and "skipped" not in message
+    assert [h["round"] for h in callback.allocator.history] == [1, 2, 3]
+    assert result["rank_state"] == runs["A"][0]["rank_state"]
+    for name, tensor in runs["A"][1].items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0, msg=name)

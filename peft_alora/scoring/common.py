@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -19,9 +19,14 @@ NO_SCORING_DATA = (
 
 @dataclass
 class ScoringSet:
-    """Collated micro-batches of the fixed scoring examples."""
+    """Collated micro-batches of the fixed scoring examples.
+
+    ``cache`` holds what scorers may keep between rounds because it depends only on this set and
+    the frozen base model (see ``scoring/base_gradient.py``).
+    """
 
     batches: list[dict]
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.batches:

@@ -1,4 +1,4 @@
-"""The exact AB-LoRA score (ALGORITHM.md §3), the reference every fast scorer is measured against.
+"""The exact AB-LoRA score (docs/algorithm.md §3), the reference every fast scorer is measured against.
 
     score(rho) = CE(model without rho) - CE(base model plus only rho)
 
@@ -64,7 +64,7 @@ def exact_scores(
     return scores
 
 
-def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None):
+def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so

@@ -4,7 +4,7 @@ Used by tests/test_distributed.py (run under torchrun and plainly) and by tests/
 (imported: ``build_trainer`` / ``collect`` / ``adapter_tensors``).
 
     python tests/scripts/train_toy_sft.py OUT_DIR [--per-device-batch 8] [--grad-accum 1] [--max-steps 16]
-        [--save-steps N] [--resume-from CKPT] [--logging-steps 4] [--bf16]
+        [--save-steps N] [--resume-from CKPT] [--logging-steps 4] [--bf16] [--scorer exact|fast]
     torchrun --nproc_per_node 2 tests/scripts/train_toy_sft.py OUT_DIR --per-device-batch 4
 
 Every process writes ``OUT_DIR/result_rank{RANK}.json`` (world size, backend, rank_state, the
@@ -117,6 +117,7 @@ def main(argv=None):
     parser.add_argument("--resume-from", default=None)
     parser.add_argument("--logging-steps", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (SFTConfig's default)")
+    parser.add_argument("--scorer", default="exact", help="ALoRAConfig.scorer")
     args = parser.parse_args(argv)
 
     # count the ranks this process scores itself (distributed scoring splits them over the processes)
@@ -134,7 +135,7 @@ def main(argv=None):
 
     trainer, callback = build_trainer(args.output_dir, args.per_device_batch, args.grad_accum, args.max_steps,
                                       args.save_steps, logging_steps=args.logging_steps,
-                                      bf16=args.bf16)
+                                      bf16=args.bf16, alora={"scorer": args.scorer})
     trainer.train(resume_from_checkpoint=args.resume_from)
     rank = trainer.args.process_index
     result = collect(trainer, callback)

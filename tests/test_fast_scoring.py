@@ -1,0 +1,188 @@
+"""The fast (first-order) AB-LoRA scorer against the exact reference on small models."""
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_alora
+from peft_alora.allocation import plan_round
+from peft_alora.allocator import RankAllocator
+from peft_alora.scoring import ScoringSet, exact_scores, fast_scores, scoring_loss
+from peft_alora.scoring.exact import GateEditor
+from peft_alora.scoring.fast import refinement_candidates, taylor_terms
+from conftest import make_tiny_llama, random_batch
+from test_scoring import _scoring_set
+
+TARGETS = ["q_proj", "v_proj", "down_proj", "up_proj"]
+
+
+def _model(b_scales, seed=1):
+    """Ranks whose B columns have the given sizes (cycled), so their importance is spread out."""
+    config = peft_alora.ALoRAConfig(r=3, lora_alpha=3, target_modules=TARGETS, init_lora_weights=False,
+                                    lora_dropout=0.0)
+    model = get_peft_model(make_tiny_llama(seed=seed), config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(sorted(model.base_model.gated_layers())):
+            weight = layer.lora_B["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator))
+            for slot in range(weight.shape[1]):
+                weight[:, slot] *= b_scales[(i * weight.shape[1] + slot) % len(b_scales)]
+    return model
+
+
+def _ranks(model):
+    layers = dict(model.base_model.gated_layers())
+    return layers, [(n, s) for n in sorted(layers) for s in layers[n].active_slots("default")]
+
+
+def test_taylor_terms_are_the_first_order_changes_of_both_ablations(torch_single_thread):
+    model = _model([2e-3])  # small ranks: first order is nearly exact
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    terms = taylor_terms(model, layers, "default", scoring, ranks)
+    editor = GateEditor(layers, "default")
+    assert terms.loss == pytest.approx(scoring_loss(model, scoring), abs=1e-6)
+    editor.only(None)
+    assert terms.base_loss == pytest.approx(scoring_loss(model, scoring), abs=1e-6)
+    editor.restore()
+    for rank in ranks[::3]:
+        editor.restore()
+        editor.gate(rank[0])[rank[1]] = 0.0
+        removal = scoring_loss(model, scoring) - terms.loss
+        editor.only(rank)
+        alone = scoring_loss(model, scoring) - terms.base_loss
+        assert terms.removal[rank] == pytest.approx(removal, rel=0.05, abs=2e-6), rank
+        assert terms.alone[rank] == pytest.approx(alone, rel=0.05, abs=2e-6), rank
+    editor.restore()
+    assert max(abs(v) for v in terms.alone.values()) > 1e-4  # the check above is not vacuous
+
+
+def test_fast_plans_equal_exact_plans_when_scores_are_well_separated(torch_single_thread):
+    model = _model([1e-3, 3e-3, 1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    exact = exact_scores(model, layers, "default", scoring, ranks)
+    fast = fast_scores(model, layers, "default", scoring, ranks, refine=0)
+    active = {name: layer.active_slots("default") for name, layer in layers.items()}
+    capacity = {name: layer.capacity("default") for name, layer in layers.items()}
+    error = max(abs(fast[r] - exact[r]) for r in ranks)
+    ordered = sorted(exact.values())
+    for n in (2, 4, 6):
+        if ordered[n] - ordered[n - 1] <= 2 * error:
+            continue  # a near-tie at this threshold: not a separated case
+        assert plan_round(fast, active, capacity, n) == plan_round(exact, active, capacity, n), n
+    assert error < 1e-3
+    assert any(ordered[n] - ordered[n - 1] > 2 * error for n in (2, 4, 6))  # at least one case was checked
+
+
+def test_refinement_rescores_the_ranks_near_the_threshold_exactly(torch_single_thread):
+    model = _model([1e-3, 3e-2, 1e-1])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    exact = exact_scores(model, layers, "default", scoring, ranks)
+    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
+    refined = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=4)
+    changed = [r for r in ranks if refined[r] != first_order[r]]
+    assert 1 <= len(changed) <= 4
+    for rank in changed:
+        assert refined[rank] == exact[rank]  # bit for bit: the same computation as the exact scorer
+    lowest_first_order = sorted(ranks, key=lambda r: first_order[r])[:1]
+    assert set(lowest_first_order) <= set(changed)
+
+
+def test_refinement_candidates_hand_computed():
+    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0}
+    uncertainty = {("a", 0): 0.1, ("a", 1): 0.5, ("b", 0): 1.5, ("b", 1): 1.0}
+    # 1 to prune: the lowest upper bound is 0.1; lower bounds 0.5 ("a",1) and 0.5 ("b",0) are above it
+    assert refinement_candidates(estimates, uncertainty, 1, limit=10) == [("a", 0)]
+    # 2 to prune: bound 1.5; ("b",0) can reach 0.5, ("b",1) cannot (9.0)
+    assert refinement_candidates(estimates, uncertainty, 2, limit=10) == [("a", 0), ("a", 1), ("b", 0)]
+    assert refinement_candidates(estimates, uncertainty, 2, limit=2) == [("a", 0), ("a", 1)]
+    assert refinement_candidates(estimates, uncertainty, 2, limit=0) == []
+
+
+@pytest.mark.parametrize("scorer", ["fast", "exact"])
+def test_scores_are_fp32_whatever_the_autocast_around_them(torch_single_thread, scorer):
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    score = fast_scores if scorer == "fast" else exact_scores
+    plain = score(model, layers, "default", scoring, ranks[:6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = score(model, layers, "default", scoring, ranks[:6])
+    assert under_bf16 == plain
+
+
+def test_fast_scoring_leaves_the_model_as_it_was(torch_single_thread):
+    model = _model([1e-2])
+    model.train()
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    gates = {n: layer.lora_gate["default"].clone() for n, layer in layers.items()}
+    seen = []
+    fast_scores(model, layers, "default", scoring, ranks, progress=lambda items: seen.append(len(items)) or items)
+    assert seen == [2, 2]  # the progress bar sees both gradient passes over the 2 micro-batches
+    assert model.training
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(p.grad is None for p in model.parameters())
+    for name, layer in layers.items():
+        gate = layer.lora_gate["default"]
+        assert torch.equal(gate, gates[name]) and not gate.requires_grad and gate.grad is None
+
+
+def test_allocator_uses_the_configured_scorer_and_prunes_like_exact(torch_single_thread):
+    """A round driven by the fast scorer, with exact re-scoring near the threshold, decides like the exact one."""
+    plans = {}
+    for scorer in ("fast", "exact"):
+        model = _model([1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+        model.peft_config["default"].scorer = scorer
+        model.peft_config["default"].ranks_per_round = 2
+        model.peft_config["default"].scoring_refine = 6
+        model.peft_config["default"].allocation_start = 1
+        model.peft_config["default"].allocation_end = None
+        model.peft_config["default"].allocation_rounds = 1
+        scoring, _, _ = _scoring_set()
+        allocator = RankAllocator(model, scoring, total_steps=4)
+        record = allocator.step(1)
+        plans[scorer] = (record["pruned"], record["grown"])
+    assert plans["fast"] == plans["exact"]
+
+
+def test_fast_scores_on_a_4bit_model(tiny_llama_dir, torch_single_thread):
+    from conftest import load_quantized
+
+    model = get_peft_model(load_quantized(tiny_llama_dir, 4), peft_alora.ALoRAConfig(
+        r=2, lora_alpha=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for _, layer in model.base_model.gated_layers():
+            layer.lora_B["default"].weight.mul_(0.3)  # moderate ranks, where first order is accurate
+        model(input_ids=random_batch(n=1, length=4))  # eval-mode forward: made bitsandbytes drop the backward
+    ids = random_batch(n=4, length=10, seed=2)
+    scoring = ScoringSet([{"input_ids": ids, "labels": ids}])
+    layers, ranks = _ranks(model)
+    exact = exact_scores(model, layers, "default", scoring, ranks)
+    fast = fast_scores(model, layers, "default", scoring, ranks)
+    assert max(abs(fast[r] - exact[r]) for r in ranks) < 0.1 * (max(exact.values()) - min(exact.values()))
+    assert all(fast[r] != fast[ranks[0]] for r in ranks[1:])  # every rank got its own gradient
+
+
+def test_cached_base_gradients_give_the_same_terms_as_a_pass_at_all_gates_off(torch_single_thread, monkeypatch):
+    from peft_alora.scoring import base_gradient, fast
+
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    cached = taylor_terms(model, layers, "default", scoring, ranks)  # computes and keeps the base gradients
+    assert len(scoring.cache) == 1
+    again = taylor_terms(model, layers, "default", scoring, ranks)  # reuses them
+    assert again.alone == cached.alone and again.base_loss == cached.base_loss
+    monkeypatch.setattr(fast, "CACHE_LIMIT_BYTES", 0)  # too large to keep: a gate pass at all gates off
+    fresh_set, _, _ = _scoring_set()
+    uncached = taylor_terms(model, layers, "default", fresh_set, ranks)
+    assert fresh_set.cache == {}
+    assert uncached.base_loss == pytest.approx(cached.base_loss, abs=1e-6)
+    for rank in ranks:
+        assert uncached.alone[rank] == pytest.approx(cached.alone[rank], rel=1e-4, abs=1e-9), rank
+    assert base_gradient.gradient_bytes(layers) > 0
