@@ -197,7 +197,7 @@ ALORA_VARIANTS = {  # name -> ALoRAConfig overrides ("alora" = the defaults)
     "alora-paper": {"regrow_init": "random"},         # regrown A rows drawn at random, as the paper
     "alora-grad-init": {"regrow_init": "gradient"},   # the default since it was measured better
     "alora-scoring-128": {"scoring_examples": 128},
-    "alora-fast": {"scorer": "fast"},
+    "alora-exact": {"scorer": "exact"},                # the reference scorer (the default is the fast one)
 }
 
 
@@ -338,7 +338,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     args.seeds = args.seeds or ([0, 1, 2] if args.quick else [0, 1, 2, 3, 4])
     args.methods = args.methods or (["lora", "adalora", "alora"] if args.quick else
-                                    ["lora", "adalora", "alora", "oracle", "alora-paper", "alora-fast"])
+                                    ["lora", "adalora", "alora", "oracle", "alora-paper", "alora-exact"])
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
