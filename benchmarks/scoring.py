@@ -165,6 +165,8 @@ def run(args, model, batches, scoring) -> dict:
                 "regret": regret, "scores": {f"{m}:{s}": fast[(m, s)] for m, s in ranks},
             }
         row["exact_scores"] = {f"{m}:{s}": exact[(m, s)] for m, s in ranks}
+        if row["round"] == args.rounds and args.noise_sample:
+            row["bf16_noise"] = bf16_noise(model, layers, adapter, scoring, ranks, exact, args.noise_sample)
         ordered = sorted(exact.values())
         row["exact_threshold_gap"] = ordered[n] - ordered[n - 1] if n < len(ordered) else None
         # the run is driven by the reference scorer
@@ -173,6 +175,20 @@ def run(args, model, batches, scoring) -> dict:
         rounds.append(row)
         print(format_row(row, args.refine), flush=True)
     return {"rounds": rounds}
+
+
+def bf16_noise(model, layers, adapter, scoring, ranks, exact, sample: int) -> dict:
+    """How much the exact scores of a sample of ranks move when the same model runs in bf16."""
+    import copy
+
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    low_layers = dict(low.base_model.gated_layers(adapter))
+    for layer in low_layers.values():  # the gates stay fp32, as in training
+        layer.lora_gate[adapter] = layer.lora_gate[adapter].float()
+    picked = ranks[:: max(1, len(ranks) // sample)][:sample]
+    low_scores = distributed_exact_scores(low, low_layers, adapter, scoring, picked)
+    diffs = sorted(abs(low_scores[r] - exact[r]) for r in picked)
+    return {"ranks": len(picked), "median_abs": diffs[len(diffs) // 2], "max_abs": diffs[-1]}
 
 
 def real_costs(args) -> dict:
@@ -236,6 +252,9 @@ def summarise(result, refines) -> dict:
             "plan_agreement": sum(r["plan_same"] for r in rows) / len(rows),
             "regret_max": max(r["regret"] for r in rows),
         }
+    noise = rounds[-1].get("bf16_noise")
+    if noise:
+        summary["bf16_vs_fp32_score_noise"] = noise
     return summary
 
 
@@ -283,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--subset-layers", type=int, nargs="+", default=[0, 15, 29],
                         help="smollm2 agreement run: adapt all 7 types in these layers only")
     parser.add_argument("--skip-costs", action="store_true", help="smollm2: only the agreement run")
+    parser.add_argument("--noise-sample", type=int, default=24,
+                        help="ranks whose exact score is also taken in bf16 in the last round (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -305,9 +326,22 @@ def main(argv=None):
         print(f"fast refine={refine}: speedup x{s['speedup']:.1f} (median), {s['pass_equivalents']:.1f} scoring-pass "
               f"equivalents, spearman {s['spearman_median']:.3f}, pruned-set agreement {s['pruned_set_agreement']:.2f}, "
               f"plan agreement {s['plan_agreement']:.2f}, worst regret {s['regret_max']:.2e}")
-    default = summary[f"refine{args.refine[-1]}"]
+    if "bf16_vs_fp32_score_noise" in summary:
+        noise = summary["bf16_vs_fp32_score_noise"]
+        print(f"exact scores, bf16 vs fp32 weights ({noise['ranks']} ranks, last round): median |diff| "
+              f"{noise['median_abs']:.2e}, max {noise['max_abs']:.2e}")
+    # first the first --refine setting (default 0, the library's default), then each other one
+    default = summary[f"refine{args.refine[0]}"]
     line = {"speedup": default["speedup"], "pruned_set_agreement": default["pruned_set_agreement"],
-            "plan_agreement": default["plan_agreement"], "refine": args.refine[-1]}
+            "plan_agreement": default["plan_agreement"], "regret_max": default["regret_max"],
+            "refine": args.refine[0]}
+    for refine in args.refine[1:]:
+        other = summary[f"refine{refine}"]
+        line.update({f"refine{refine}_speedup": other["speedup"],
+                     f"refine{refine}_pruned_set_agreement": other["pruned_set_agreement"],
+                     f"refine{refine}_regret_max": other["regret_max"]})
+    if "bf16_vs_fp32_score_noise" in summary:
+        line["bf16_score_noise_max"] = summary["bf16_vs_fp32_score_noise"]["max_abs"]
     if "costs" in out:
         line["real_fast_round_in_train_steps"] = out["costs"]["fast_round_in_train_steps"]
         line["real_speedup"] = out["costs"]["speedup"]

@@ -134,3 +134,76 @@ def train_steps(model, input_ids, optimizer, steps: int) -> list:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture(scope="session")
+def toy_chat_llama_dir(tmp_path_factory):
+    """A saved tiny Llama with the toy chat tokenizer: a local model any recipe can be pointed at."""
+    from peft_alora.toy import toy_llama, toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    path = tmp_path_factory.mktemp("toy-chat-llama")
+    toy_llama(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+class FakeHubApi:
+    """Stands in for ``huggingface_hub.HfApi``: "uploads" into ``FakeHubApi.remote / repo_id`` with the
+    same file filter the real ``upload_folder`` applies."""
+
+    remote = None
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHubApi.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        import shutil
+        from pathlib import Path
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        FakeHubApi.calls.append(("upload_folder", repo_id, kwargs))
+        root = Path(folder_path)
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, ignore_patterns=ignore_patterns):
+            target = Path(FakeHubApi.remote) / repo_id / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, target)
+
+
+TINY_RUN_REPO = "someone/tiny-alora"
+
+
+@pytest.fixture(scope="session")
+def alora_sft_run(toy_chat_llama_dir, tmp_path_factory):
+    """One `alora-sft` run of the CPU default recipe pointed at the tiny local Llama, pushed to a fake Hub.
+
+    Returns (summary, output dir, the fake Hub's copy of the repository).
+    """
+    from pathlib import Path
+    from unittest import mock
+
+    from peft_alora.cli import main, parse_args
+
+    out = tmp_path_factory.mktemp("alora-sft-run")
+    FakeHubApi.remote = tmp_path_factory.mktemp("fake-hub")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch("huggingface_hub.HfApi", FakeHubApi):
+            summary = main(*parse_args([
+                "--config", "recipes/SmolLM2-135M-Instruct/alora_cpu.yaml", "--model_name_or_path",
+                toy_chat_llama_dir, "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size",
+                "4", "--max_length", "64", "--lora_r", "2", "--max_r", "4", "--allocation_rounds", "2",
+                "--scoring_examples", "4", "--scoring_batch_size", "4",
+                "--show_generations", "2", "--max_new_tokens", "6", "--logging_steps", "1", "--disable_tqdm", "true",
+                "--push_to_hub", "true", "--hub_model_id", TINY_RUN_REPO]))
+    finally:
+        torch.set_num_threads(previous)
+    return summary, Path(out), Path(FakeHubApi.remote) / TINY_RUN_REPO

