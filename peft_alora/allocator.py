@@ -19,6 +19,7 @@ import torch
 from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
 from .model import ALoRAModel
 from .optim_state import reset_slots
+from .regrowth import gradient_directions
 from .report import split_module_name
 from .scoring import SCORERS, ScoringSet, eval_mode, scoring_loss
 
@@ -287,14 +288,19 @@ class RankAllocator:
         pruned = set(plan.pruned)
         for module, slot in plan.pruned:
             self.layers[module].deactivate_slot(self.adapter, slot)
+        directions = {}
+        if self.config.regrow_init == "gradient" and plan.grown:
+            directions = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
         for module in sorted(plan.grown):
             layer = self.layers[module]
             active = set(layer.active_slots(self.adapter))
             free = [s for s in range(layer.capacity(self.adapter)) if s not in active and (module, s) not in pruned]
-            for slot in free[: plan.grown[module]]:
-                layer.activate_slot(self.adapter, slot, generator=generator)
+            rows = directions.get(module)
+            for i, slot in enumerate(free[: plan.grown[module]]):
+                direction = rows[i] if rows is not None and i < len(rows) else None
+                layer.activate_slot(self.adapter, slot, generator=generator, direction=direction)
                 reset_slots(optimizer, layer, self.adapter, slot)
                 grown.append((module, slot))
         return grown

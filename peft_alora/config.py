@@ -11,6 +11,7 @@ from peft import LoraConfig
 from .registration import add_peft_type_member
 
 SCORERS = ("fast", "exact")
+REGROW_INITS = ("random", "gradient")
 SUPPORTED_INITS = (True, False, "gaussian")
 
 # LoRA options that change what a rank is, or how it is initialised, in ways the gate/slot
@@ -94,6 +95,12 @@ class ALoRAConfig(LoraConfig):
         default=0,
         metadata={"help": "With scorer='fast': at most this many ranks whose estimate could reach the pruning "
                           "threshold are re-scored exactly (2 scoring passes each). 0: first order only."},
+    )
+    regrow_init: str = field(
+        default="gradient",
+        metadata={"help": "A row of a regrown rank: 'gradient' (leading singular direction of the module's loss "
+                          "gradient on the scoring set, outside its active rows; measured better, beyond the paper) or "
+                          "'random' (drawn as LoRA draws it: the paper)."},
     )
 
     def __post_init__(self):
@@ -181,6 +188,8 @@ class ALoRAConfig(LoraConfig):
                 "ALoRAConfig: with allocation_rounds > 1, set allocation_end or allocation_interval."
             )
         self._check_schedule_order()
+        if self.regrow_init not in REGROW_INITS:
+            raise ValueError(f"ALoRAConfig.regrow_init={self.regrow_init!r}: choose one of {REGROW_INITS}.")
         if self.scorer not in SCORERS:
             raise ValueError(f"ALoRAConfig.scorer={self.scorer!r}: choose one of {SCORERS}.")
         if self.lora_dropout < 0 or self.lora_dropout >= 1:

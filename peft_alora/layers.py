@@ -189,22 +189,23 @@ class GatedLoraMixin:
         gate[slot] = 0.0
 
     @torch.no_grad()
-    def activate_slot(self, adapter: str, slot: int, generator: Optional[torch.Generator] = None) -> None:
-        """Switch a slot on as a fresh rank: new A row, zero B column, gate 1 (output unchanged)."""
+    def activate_slot(self, adapter: str, slot: int, generator: Optional[torch.Generator] = None,
+                      direction: Optional[torch.Tensor] = None) -> None:
+        """Switch a slot on as a fresh rank: new A row, zero B column, gate 1 (output unchanged).
+
+        ``direction`` (a unit vector of length ``in_features``), when given, is where the new A row
+        points; it keeps the norm of the random row it replaces (see ``peft_alora.regrowth``)."""
         self._check_unmerged(adapter)
         gate = self.lora_gate[adapter]
         if gate[slot] != 0:
             raise ValueError(f"slot {slot} of adapter {adapter!r} is already active")
         weight_A = self.lora_A[adapter].weight
         weight_B = self.lora_B[adapter].weight
-        weight_A[slot] = fresh_a_row(
-            self.in_features,
-            self.init_lora_weights.get(adapter, True),
-            self.r_init[adapter],
-            generator=generator,
-            device=weight_A.device,
-            dtype=weight_A.dtype,
-        )[0]
+        row = fresh_a_row(self.in_features, self.init_lora_weights.get(adapter, True), self.r_init[adapter],
+                          generator=generator)[0]
+        if direction is not None:
+            row = direction.to(row) * row.norm()
+        weight_A[slot] = row.to(device=weight_A.device, dtype=weight_A.dtype)
         weight_B[:, slot] = 0.0
         gate[slot] = 1.0
 

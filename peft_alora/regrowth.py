@@ -1,0 +1,91 @@
+"""Gradient-aligned regrowth (``ALoRAConfig.regrow_init="gradient"``), beyond the paper.
+
+A regrown rank starts with B = 0, so at first it learns only through its B column, whose gradient
+is ``s * G @ a`` for its A row ``a``, where ``G = sum_tokens (dL/dy) x^T`` is the loss gradient of
+the module's weight. A random ``a`` catches a ~1/sqrt(d_in) share of ``G``; the leading right
+singular vectors of ``G`` (outside the span of the module's active A rows, which already cover
+their own directions) catch the most. The output is still unchanged when the rank is added.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .distributed import sum_across_processes, world
+from .scoring.common import ScoringSet, batch_loss_sum, eval_mode, model_device
+
+
+def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet) -> dict:
+    """``G`` (out x in, fp32) of each layer, from the loss of the scoring set (no ``.grad`` is touched)."""
+    inputs, outputs, handles = {}, {}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            inputs[name], outputs[name] = args[0].detach(), output
+        return hook
+
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_hook(keep(name)))
+    grads = {name: None for name in layers}
+    device = model_device(model)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for batch in scoring.batches:
+                loss = batch_loss_sum(model, batch, device)
+                names = [n for n in layers if n in outputs and outputs[n].requires_grad]
+                dys = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+                for name, dy in zip(names, dys):
+                    if dy is None:
+                        continue
+                    g = dy.float().flatten(0, -2).T @ inputs[name].float().flatten(0, -2)
+                    grads[name] = g if grads[name] is None else grads[name] + g
+                inputs.clear()
+                outputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grads
+
+
+def gradient_directions(
+    model,
+    layers: Mapping[str, torch.nn.Module],
+    adapter: str,
+    counts: Mapping[str, int],
+    scoring: ScoringSet,
+) -> dict[str, torch.Tensor]:
+    """For each module of ``counts``: ``counts[m]`` orthonormal rows (k x d_in, fp32, CPU) along which new
+    A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then)."""
+    chosen = {name: layers[name] for name, k in counts.items() if k > 0}
+    grads = _same_everywhere(_weight_gradients(model, chosen, scoring), device=model_device(model))
+    directions = {}
+    for name, g in grads.items():
+        if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
+            continue
+        layer = chosen[name]
+        rows = layer.lora_A[adapter].weight.detach().float().to(g.device)[layer.active_slots(adapter)]
+        if rows.numel():
+            basis, _ = torch.linalg.qr(rows.T)  # d_in x r_active, orthonormal
+            g = g - (g @ basis) @ basis.T
+        _, _, vh = torch.linalg.svd(g, full_matrices=False)
+        directions[name] = vh[: counts[name]].cpu()
+    return directions
+
+
+def _same_everywhere(grads: dict, device) -> dict:
+    """Under torch.distributed, the mean gradient of all processes, bit-identical everywhere, so that every
+    process draws the same rows (decisions must be identical)."""
+    processes = world()[0]
+    if processes == 1:
+        return grads
+    out = {}
+    for name in sorted(grads):
+        g = grads[name]
+        if g is None:  # the same in every process: the layer did not take part in the loss
+            out[name] = None
+            continue
+        total = sum_across_processes(g.double().flatten().cpu(), device)
+        out[name] = (total / processes).to(g).view_as(g)
+    return out
