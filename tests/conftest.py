@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, LlamaConfig
 
 import peft_alora  # noqa: F401  (registers the method)
+from peft_alora.model import keep_4bit_layers_differentiable
 
 VOCAB = 128
 
@@ -48,7 +49,11 @@ def load_quantized(path: str, bits: int):
                                    bnb_4bit_compute_dtype=torch.float32)
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32).eval()
+    # the kernel an ALoRA-wrapped model uses (bitsandbytes' CPU inference repacking off), so that logits of a
+    # plain base and of the wrapped model compare like with like
+    keep_4bit_layers_differentiable(model)
+    return model
 
 
 def random_batch(n: int = 4, length: int = 12, seed: int = 0):
