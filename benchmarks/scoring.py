@@ -15,6 +15,7 @@ object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -203,12 +204,13 @@ def real_costs(args) -> dict:
     ranks = [(n, s) for n in sorted(layers) for s in layers[n].active_slots("default")]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
-    def train_step(i=[0]):
+    order = itertools.cycle(batches)
+
+    def train_step():
         model.train()
-        model(**batches[i[0] % len(batches)]).loss.backward()
+        model(**next(order)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        i[0] += 1
 
     train_step()  # warm-up; also moves B off zero
     step_seconds, _ = median_time(train_step, args.repeats)
