@@ -17,8 +17,9 @@ from .distributed import sum_across_processes, world
 from .scoring.common import ScoringSet, batch_loss_sum, eval_mode, model_device
 
 
-def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet) -> dict:
-    """``G`` (out x in, fp32) of each layer, from the loss of the scoring set (no ``.grad`` is touched)."""
+def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet) -> tuple[dict, float]:
+    """``G`` (out x in, fp32) of each layer from the loss of the scoring set (no ``.grad`` is touched),
+    and that loss (mean CE)."""
     inputs, outputs, handles = {}, {}, []
 
     def keep(name):
@@ -30,10 +31,12 @@ def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: Sco
         handles.append(layer.register_forward_hook(keep(name)))
     grads = {name: None for name in layers}
     device = model_device(model)
+    total = 0.0
     try:
         with eval_mode(model), torch.enable_grad():
             for batch in scoring.batches:
                 loss = batch_loss_sum(model, batch, device)
+                total += loss.item()
                 names = [n for n in layers if n in outputs and outputs[n].requires_grad]
                 dys = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 for name, dy in zip(names, dys):
@@ -46,7 +49,7 @@ def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: Sco
     finally:
         for handle in handles:
             handle.remove()
-    return grads
+    return grads, total / scoring.n_tokens
 
 
 def gradient_directions(
@@ -55,11 +58,13 @@ def gradient_directions(
     adapter: str,
     counts: Mapping[str, int],
     scoring: ScoringSet,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], float]:
     """For each module of ``counts``: ``counts[m]`` orthonormal rows (k x d_in, fp32, CPU) along which new
-    A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then)."""
+    A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then).
+    Also the scoring loss at the gates as they are (new ranks, B = 0, will not change it)."""
     chosen = {name: layers[name] for name, k in counts.items() if k > 0}
-    grads = _same_everywhere(_weight_gradients(model, chosen, scoring), device=model_device(model))
+    grads, loss = _weight_gradients(model, chosen, scoring)
+    grads = _same_everywhere(grads, device=model_device(model))
     directions = {}
     for name, g in grads.items():
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
@@ -71,7 +76,7 @@ def gradient_directions(
             g = g - (g @ basis) @ basis.T
         _, _, vh = torch.linalg.svd(g, full_matrices=False)
         directions[name] = vh[: counts[name]].cpu()
-    return directions
+    return directions, loss
 
 
 def _same_everywhere(grads: dict, device) -> dict:

@@ -80,29 +80,28 @@ def test_refinement_rescores_the_ranks_near_the_threshold_exactly(torch_single_t
     model = _model([1e-3, 3e-2, 1e-1])
     scoring, _, _ = _scoring_set()
     layers, ranks = _ranks(model)
-    exact = exact_scores(model, layers, "default", scoring, ranks)
-    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
+    terms = taylor_terms(model, layers, "default", scoring, ranks)
+    first_order = terms.scores()
+    without = exact_scores(model, layers, "default", scoring, ranks, parts=("without",))
     refined = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=4)
     changed = [r for r in ranks if refined[r] != first_order[r]]
-    assert 1 <= len(changed) <= 4
-    for rank in changed:
-        assert refined[rank] == exact[rank]  # bit for bit: the same computation as the exact scorer
-    lowest_first_order = sorted(ranks, key=lambda r: first_order[r])[:1]
-    assert set(lowest_first_order) <= set(changed)
+    assert len(changed) == 4
+    for rank in changed:  # bit for bit: the exact "without" term, the first-order "only" term
+        assert refined[rank] == without[rank] - (terms.base_loss + terms.alone[rank])
+    values = sorted(first_order.values())
+    threshold = (values[2] + values[3]) / 2  # 3 to prune: midway between the 3rd and 4th lowest
+    assert set(changed) == set(sorted(ranks, key=lambda r: abs(first_order[r] - threshold))[:4])
 
 
 def test_refinement_candidates_hand_computed():
-    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0}
-    uncertainty = {("a", 0): 0.1, ("a", 1): 0.5, ("b", 0): 1.5, ("b", 1): 1.0}
-    # 1 to prune: the lowest upper bound is 0.1; lower bounds 0.5 ("a",1) and 0.5 ("b",0) are above it
-    assert refinement_candidates(estimates, uncertainty, 1, limit=10) == [("a", 0)]
-    # 2 to prune: bound 1.5; ("b",0) can reach 0.5, ("b",1) cannot (9.0)
-    assert refinement_candidates(estimates, uncertainty, 2, limit=10) == [("a", 0), ("a", 1), ("b", 0)]
-    assert refinement_candidates(estimates, uncertainty, 2, limit=2) == [("a", 0), ("a", 1)]
-    # a wide interval does not push a near-tie out of the limit: lowest estimates first
-    wide = {**uncertainty, ("b", 0): 5.0}
-    assert refinement_candidates(estimates, wide, 2, limit=2) == [("a", 0), ("a", 1)]
-    assert refinement_candidates(estimates, uncertainty, 2, limit=0) == []
+    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0, ("c", 0): 2.4}
+    # 2 to prune: threshold 1.5, midway between the 2nd (1.0) and 3rd (2.0) lowest; closest first
+    assert refinement_candidates(estimates, 2, limit=2) == [("a", 1), ("b", 0)]
+    assert refinement_candidates(estimates, 2, limit=4) == [("a", 1), ("b", 0), ("c", 0), ("a", 0)]
+    # 1 to prune: threshold 0.5; ties broken by the rank's name
+    assert refinement_candidates(estimates, 1, limit=2) == [("a", 0), ("a", 1)]
+    assert refinement_candidates(estimates, 2, limit=0) == []
+    assert refinement_candidates({("a", 0): 1.0}, 1, limit=3) == []  # one rank: nothing to compare
 
 
 @pytest.mark.parametrize("scorer", ["fast", "exact"])

@@ -2,7 +2,7 @@
 
     score(rho) = CE(model without rho) - CE(base model plus only rho)
 
-2 passes over the scoring set per active rank. Ranks are identified by ``(module_name, slot)``.
+2 passes over the scoring set per active rank (from the rank's decoder block on, see ``prefix.py``). Ranks are identified by ``(module_name, slot)``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from ..allocation import Rank
 from ..distributed import sum_across_processes, world
 from .common import ScoringSet, eval_mode, model_device, scoring_loss
+from .prefix import PrefixCache, decoder_blocks
 
 
 class GateEditor:
@@ -45,26 +46,58 @@ def exact_scores(
     scoring: ScoringSet,
     ranks: Sequence[Rank],
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    parts: tuple[str, ...] = ("without", "only"),
 ) -> dict[Rank, float]:
-    """Exact AB-LoRA score of each of ``ranks``: 2 scoring passes per rank (reference scorer)."""
+    """Exact AB-LoRA score of each of ``ranks`` (reference scorer).
+
+    Two scoring passes per rank, each starting at the rank's decoder block (``prefix.py``). With
+    ``parts`` one term can be left out: the result is then ``{rank: CE(without rank)}`` or
+    ``{rank: CE(only rank)}`` instead of the score.
+    """
     editor = GateEditor(layers, adapter)
+    blocks, block_of = decoder_blocks(model, layers)
     scores: dict[Rank, float] = {}
+    if not ranks:
+        return scores
     try:
         with eval_mode(model):
+            current = base = None
+            if blocks is not None:
+                current = PrefixCache.record(model, blocks, scoring) if "without" in parts else None
+                if "only" in parts:
+                    base = base_prefix(model, editor, blocks, scoring)
             for rank in (progress(ranks) if progress else ranks):
                 module, slot = rank
-                editor.restore()
-                editor.gate(module)[slot] = 0.0
-                without = scoring_loss(model, scoring)
-                editor.only(rank)
-                only = scoring_loss(model, scoring)
-                scores[rank] = without - only
+                block = block_of.get(module)
+                value = 0.0
+                if "without" in parts:
+                    editor.restore()
+                    editor.gate(module)[slot] = 0.0
+                    value += current.loss(model, scoring, block) if current else scoring_loss(model, scoring)
+                if "only" in parts:
+                    editor.only(rank)
+                    only = base.loss(model, scoring, block) if base else scoring_loss(model, scoring)
+                    value = value - only if "without" in parts else only
+                scores[rank] = value
     finally:
         editor.restore()
     return scores
 
 
-def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None):
+def base_prefix(model, editor: GateEditor, blocks, scoring: ScoringSet) -> PrefixCache:
+    """Block outputs of the base model (every gate off): fixed for the run, so recorded once per scoring set."""
+    key = ("base_prefix", id(model), editor.adapter, tuple(editor.layers))
+    if key not in scoring.cache:
+        editor.only(None)
+        try:
+            scoring.cache[key] = PrefixCache.record(model, blocks, scoring)
+        finally:
+            editor.restore()
+    return scoring.cache[key]
+
+
+def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None,
+                             parts=("without", "only")):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
@@ -72,9 +105,9 @@ def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=No
     """
     processes, me = world()
     if processes == 1:
-        return exact_scores(model, layers, adapter, scoring, ranks, progress)
+        return exact_scores(model, layers, adapter, scoring, ranks, progress, parts)
     mine = list(ranks)[me::processes]
-    local = exact_scores(model, layers, adapter, scoring, mine, progress)
+    local = exact_scores(model, layers, adapter, scoring, mine, progress, parts)
     vector = torch.zeros(len(ranks), dtype=torch.float64)
     index = {rank: i for i, rank in enumerate(ranks)}
     for rank, value in local.items():
