@@ -35,6 +35,7 @@ from peft_alora.allocation import plan_round  # noqa: E402
 from peft_alora.allocator import RankAllocator  # noqa: E402
 from peft_alora.scoring import ScoringSet, distributed_exact_scores, fast_scores, scoring_loss  # noqa: E402
 from peft_alora.scoring.common import IGNORE_INDEX  # noqa: E402
+from peft_alora.scoring.fast import default_refine  # noqa: E402
 from peft_alora.scoring.prefix import PrefixCache, decoder_blocks  # noqa: E402
 from peft_alora.toy import toy_llama, toy_pairs, toy_tokenizer  # noqa: E402
 
@@ -332,7 +333,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.refine is None:
-        args.refine = [peft_alora.ALoRAConfig().scoring_refine, 0]
+        args.refine = [default_refine(7), 0]  # the library's default for 7 module types (7 pruned per round)
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"}

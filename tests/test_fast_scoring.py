@@ -88,20 +88,30 @@ def test_refinement_rescores_the_ranks_near_the_threshold_exactly(torch_single_t
     assert len(changed) == 4
     for rank in changed:  # bit for bit: the exact "without" term, the first-order "only" term
         assert refined[rank] == without[rank] - (terms.base_loss + terms.alone[rank])
-    values = sorted(first_order.values())
-    threshold = (values[2] + values[3]) / 2  # 3 to prune: midway between the 3rd and 4th lowest
-    assert set(changed) == set(sorted(ranks, key=lambda r: abs(first_order[r] - threshold))[:4])
+    assert set(changed) == set(sorted(ranks, key=lambda r: first_order[r])[:4])  # the 4 lowest estimates
 
 
 def test_refinement_candidates_hand_computed():
-    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0, ("c", 0): 2.4}
-    # 2 to prune: threshold 1.5, midway between the 2nd (1.0) and 3rd (2.0) lowest; closest first
-    assert refinement_candidates(estimates, 2, limit=2) == [("a", 1), ("b", 0)]
-    assert refinement_candidates(estimates, 2, limit=4) == [("a", 1), ("b", 0), ("c", 0), ("a", 0)]
-    # 1 to prune: threshold 0.5; ties broken by the rank's name
-    assert refinement_candidates(estimates, 1, limit=2) == [("a", 0), ("a", 1)]
-    assert refinement_candidates(estimates, 2, limit=0) == []
-    assert refinement_candidates({("a", 0): 1.0}, 1, limit=3) == []  # one rank: nothing to compare
+    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0, ("c", 0): 1.0}
+    # the lowest estimates first (ties broken by the rank's name): what first order prunes, then the next ones
+    assert refinement_candidates(estimates, limit=2) == [("a", 0), ("a", 1)]
+    assert refinement_candidates(estimates, limit=4) == [("a", 0), ("a", 1), ("c", 0), ("b", 0)]
+    assert refinement_candidates(estimates, limit=9) == sorted(estimates, key=lambda r: (estimates[r], r))
+    assert refinement_candidates(estimates, limit=0) == []
+
+
+def test_default_refinement_is_twice_the_ranks_pruned(torch_single_thread):
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    config = model.peft_config["default"]
+    assert config.scoring_refine is None
+    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
+    for n_prune in (1, 3):
+        scores = fast_scores(model, layers, "default", scoring, ranks, config=config, n_prune=n_prune)
+        assert sum(scores[r] != first_order[r] for r in ranks) == 2 * n_prune
+    config.scoring_refine = 0
+    assert fast_scores(model, layers, "default", scoring, ranks, config=config, n_prune=3) == first_order
 
 
 @pytest.mark.parametrize("scorer", ["fast", "exact"])

@@ -104,7 +104,7 @@ def test_passes_from_a_recorded_prefix_equal_full_passes_bit_for_bit():
     assert exact_scores(model, layers, "default", scoring, ranks) == full
     # with room for no block output, every pass is a full one and the result is the same
     current = prefix.PrefixCache.record(model, blocks, scoring, limit_bytes=1)
-    assert current.kept == {} and current.loss_sum / scoring.n_tokens == scoring_loss(model, scoring)
+    assert current.kept == {} and current.loss(model, scoring, len(blocks) - 1) == scoring_loss(model, scoring)
 
 
 def test_prefix_passes_do_not_compute_the_skipped_blocks():

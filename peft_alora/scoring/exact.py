@@ -47,12 +47,14 @@ def exact_scores(
     ranks: Sequence[Rank],
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     parts: tuple[str, ...] = ("without", "only"),
+    current: Optional[PrefixCache] = None,
 ) -> dict[Rank, float]:
     """Exact AB-LoRA score of each of ``ranks`` (reference scorer).
 
     Two scoring passes per rank, each starting at the rank's decoder block (``prefix.py``). With
     ``parts`` one term can be left out: the result is then ``{rank: CE(without rank)}`` or
-    ``{rank: CE(only rank)}`` instead of the score.
+    ``{rank: CE(only rank)}`` instead of the score. ``current``: block outputs at the current gates
+    already recorded this round (by the fast scorer's gradient pass).
     """
     editor = GateEditor(layers, adapter)
     blocks, block_of = decoder_blocks(model, layers)
@@ -61,9 +63,10 @@ def exact_scores(
         return scores
     try:
         with eval_mode(model):
-            current = base = None
+            base = None
             if blocks is not None:
-                current = PrefixCache.record(model, blocks, scoring) if "without" in parts else None
+                if "without" in parts and current is None:
+                    current = PrefixCache.record(model, blocks, scoring)
                 if "only" in parts:
                     base = base_prefix(model, editor, blocks, scoring)
             for rank in (progress(ranks) if progress else ranks):
@@ -97,7 +100,7 @@ def base_prefix(model, editor: GateEditor, blocks, scoring: ScoringSet) -> Prefi
 
 
 def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None,
-                             parts=("without", "only")):
+                             parts=("without", "only"), current=None):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
@@ -105,9 +108,9 @@ def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=No
     """
     processes, me = world()
     if processes == 1:
-        return exact_scores(model, layers, adapter, scoring, ranks, progress, parts)
+        return exact_scores(model, layers, adapter, scoring, ranks, progress, parts, current)
     mine = list(ranks)[me::processes]
-    local = exact_scores(model, layers, adapter, scoring, mine, progress, parts)
+    local = exact_scores(model, layers, adapter, scoring, mine, progress, parts, current)
     vector = torch.zeros(len(ranks), dtype=torch.float64)
     index = {rank: i for i, rank in enumerate(ranks)}
     for rank, value in local.items():

@@ -28,6 +28,7 @@ from ..distributed import sum_across_processes, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import ScoringSet, batch_loss_sum, eval_mode, model_device
 from .exact import GateEditor, distributed_exact_scores
+from .prefix import PrefixCache, decoder_blocks, recording
 
 
 @contextlib.contextmanager
@@ -77,14 +78,20 @@ class TaylorTerms:
     base_loss: float
     removal: dict
     alone: dict
+    prefix: Optional[PrefixCache] = None  # block outputs at the current gates, when the gradient pass saw every batch
 
     def scores(self) -> dict[Rank, float]:
         return {rank: (self.loss + self.removal[rank]) - (self.base_loss + self.alone[rank]) for rank in self.removal}
 
 
 def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, scoring: ScoringSet,
-                 ranks: Sequence[Rank], progress=None) -> TaylorTerms:
-    """Gate derivatives at the current gates and at all gates off, for every rank in ``ranks``."""
+                 ranks: Sequence[Rank], progress=None, record_prefix: bool = False) -> TaylorTerms:
+    """Gate derivatives at the current gates and at all gates off, for every rank in ``ranks``.
+
+    ``record_prefix``: also keep the block outputs of the pass at the current gates (``prefix.py``),
+    which exact passes of the same round can start from; on one process only, where that pass
+    sees every scoring batch.
+    """
     processes, me = world()
     mine = list(range(len(scoring.batches)))[me::processes]
     device = model_device(model)
@@ -92,8 +99,10 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
     cache_key = ("base_gradients", adapter, tuple(layers))
     base = scoring.cache.get(cache_key)
     try:
+        blocks = decoder_blocks(model, layers)[0] if record_prefix and processes == 1 else None
         with eval_mode(model):
-            on = gate_gradients(model, editor, scoring, mine, progress)  # current gates
+            with recording(blocks, scoring) if blocks is not None else contextlib.nullcontext() as recorder:
+                on = gate_gradients(model, editor, scoring, mine, progress)  # current gates
             with torch.no_grad():
                 editor.only(None)  # the base model
             base_pass = lambda: gate_gradients(model, editor, scoring, mine, progress)  # noqa: E731
@@ -114,33 +123,33 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
         start += editor.gate(name).numel()
     index = {(name, slot): offsets[name] + slot for name, slot in ranks}
     return TaylorTerms(
-        loss=float(on[0]), base_loss=float(off[0]),
+        loss=float(on[0]), base_loss=float(off[0]), prefix=recorder.cache() if blocks is not None else None,
         removal={rank: -float(on[i]) for rank, i in index.items()},  # switching rho off: g 1 -> 0
         alone={rank: float(off[i]) for rank, i in index.items()},    # switching rho on alone: g 0 -> 1
     )
 
 
-def refinement_candidates(estimates: Mapping[Rank, float], n_prune: int, limit: int) -> list[Rank]:
-    """The ``limit`` ranks whose estimates lie closest to the pruning threshold (midway between the
-    ``n_prune``-th and the next lowest estimate), closest first.
+def default_refine(n_prune: int) -> int:
+    """``scoring_refine`` left unset: twice the ranks pruned per round (the quick benchmark's two seeds,
+    16 rounds: 16 identical plans at 2 x 7 re-scored ranks, 15 at 9 to 12, 10 at 7)."""
+    return 2 * n_prune
 
-    A near-tie at the threshold is what first order gets wrong; ranks far below it are pruned
-    whatever their exact score. (Taking the lowest estimates first, or every rank whose first-order
-    interval reaches the threshold, spent the exact passes on ranks that were pruned anyway: on
-    the quick benchmark it needed 8 re-scored ranks where this rule needed 6.)
+
+def refinement_candidates(estimates: Mapping[Rank, float], limit: int) -> list[Rank]:
+    """The ``limit`` ranks with the lowest estimates: those first order would prune, then the nearest above.
+
+    Why not only the ranks nearest the threshold: a rank grown a round or two earlier can sit at the
+    bottom of its loss valley, gradient ~0, so first order puts it among the lowest while removing
+    it costs a lot (seen on the quick benchmark: estimated -7e-5, exact +3.7e-3). Such a rank is
+    below the threshold, not near it.
     """
-    if limit <= 0 or len(estimates) < 2:
-        return []
-    ordered = sorted(estimates.values())
-    n = min(max(n_prune, 1), len(ordered) - 1)
-    threshold = (ordered[n - 1] + ordered[n]) / 2
-    return sorted(estimates, key=lambda r: (abs(estimates[r] - threshold), r))[:limit]
+    return sorted(estimates, key=lambda r: (estimates[r], r))[:max(limit, 0)]
 
 
 def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune: Optional[int] = None,
                 refine: Optional[int] = None) -> dict[Rank, float]:
-    """Taylor scores of every rank; for up to ``refine`` (default ``config.scoring_refine``) ranks
-    nearest the pruning threshold, the "without rho" term is replaced by its exact value.
+    """Taylor scores of every rank; for the ``refine`` (default ``config.scoring_refine``) lowest, the
+    "without rho" term is replaced by its exact value.
 
     Why only that term: late in a run the loss sits near a minimum in every gate, so the gradient
     at the current gates (first order of "without rho") says little about what removing a rank
@@ -148,13 +157,15 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
     benchmark, exact "without" terms alone took the same decisions as exact scores in every round.
     The exact passes start at the rank's decoder block (``prefix.py``): about half a pass each.
     """
-    terms = taylor_terms(model, layers, adapter, scoring, ranks, progress)
-    scores = terms.scores()
     if refine is None:
-        refine = getattr(config, "scoring_refine", 0) or 0
+        refine = getattr(config, "scoring_refine", None)
+    if refine is None:
+        refine = default_refine(n_prune or 0)
+    terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0)
+    scores = terms.scores()
     if refine > 0:
-        candidates = refinement_candidates(scores, n_prune or 1, refine)
+        candidates = refinement_candidates(scores, refine)
         without = distributed_exact_scores(model, layers, adapter, scoring, candidates, progress=progress,
-                                           parts=("without",))
+                                           parts=("without",), current=terms.prefix)
         scores.update({rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in candidates})
     return scores

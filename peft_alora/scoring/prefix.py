@@ -61,8 +61,8 @@ def _skipped(blocks, count: int, output):
 class PrefixCache:
     """Block outputs of one gate setting on the scoring set, and scoring passes that reuse them."""
 
-    def __init__(self, blocks, kept: dict[int, list], loss_sum: float):
-        self.blocks, self.kept, self.loss_sum = blocks, kept, loss_sum
+    def __init__(self, blocks, kept: dict[int, list]):
+        self.blocks, self.kept = blocks, kept
 
     @classmethod
     @torch.no_grad()
@@ -70,29 +70,10 @@ class PrefixCache:
                limit_bytes: int = PREFIX_LIMIT_BYTES) -> "PrefixCache":
         """One scoring pass at the gates as they are now, keeping block outputs within ``limit_bytes``."""
         device = model_device(model)
-        kept: dict[int, list] = {}
-        stride: list[Optional[int]] = [None]
-        tokens = [b["input_ids"].numel() for b in scoring.batches]
-
-        def hook(index):
-            def keep(module, args, output):
-                if stride[0] is None:  # first output seen: how many blocks fit in the limit
-                    per_block = output.numel() * output.element_size() * sum(tokens) / tokens[0]
-                    fits = int(limit_bytes // max(per_block, 1))
-                    stride[0] = math.ceil(len(blocks) / fits) if fits else 0
-                if stride[0] and (index + 1) % stride[0] == 0 and index < len(blocks) - 1:
-                    kept.setdefault(index, []).append(output)
-            return keep
-
-        handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(blocks)]
-        try:
-            total = sum(float(batch_loss_sum(model, batch, device)) for batch in scoring.batches)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(not isinstance(outputs[0], torch.Tensor) for outputs in kept.values()):
-            kept = {}  # blocks that return tuples or caches: not something to replay
-        return cls(blocks, kept, total)
+        with recording(blocks, scoring, limit_bytes) as recorder:
+            for batch in scoring.batches:
+                batch_loss_sum(model, batch, device)
+        return recorder.cache()
 
     def loss(self, model: torch.nn.Module, scoring: ScoringSet, block: Optional[int]) -> float:
         """Mean CE over the scoring set with the gates as they are now, when only block ``block`` and
@@ -108,3 +89,40 @@ class PrefixCache:
                 with _skipped(self.blocks, start + 1, self.kept[start][i]):
                     total += float(batch_loss_sum(model, batch, device))
         return total / scoring.n_tokens
+
+
+class _Recorder:
+    def __init__(self, blocks, scoring: ScoringSet, limit_bytes: int):
+        self.blocks, self.limit_bytes = blocks, limit_bytes
+        self.tokens = [b["input_ids"].numel() for b in scoring.batches]
+        self.kept: dict[int, list] = {}
+        self.stride: Optional[int] = None
+
+    def hook(self, index: int):
+        def keep(module, args, output):
+            if self.stride is None:  # first output seen: how many blocks fit in the limit
+                per_block = output.numel() * output.element_size() * sum(self.tokens) / self.tokens[0]
+                fits = int(self.limit_bytes // max(per_block, 1))
+                self.stride = math.ceil(len(self.blocks) / fits) if fits else 0
+            if self.stride and (index + 1) % self.stride == 0 and index < len(self.blocks) - 1:
+                self.kept.setdefault(index, []).append(output.detach() if isinstance(output, torch.Tensor) else output)
+        return keep
+
+    def cache(self) -> PrefixCache:
+        complete = all(len(outputs) == len(self.tokens) and isinstance(outputs[0], torch.Tensor)
+                       for outputs in self.kept.values())
+        # blocks that return tuples or caches are not replayed; neither is a pass that missed batches
+        return PrefixCache(self.blocks, self.kept if complete else {})
+
+
+@contextlib.contextmanager
+def recording(blocks, scoring: ScoringSet, limit_bytes: int = PREFIX_LIMIT_BYTES):
+    """Keep the block outputs of the passes over ``scoring.batches`` (in order) run inside; then
+    ``recorder.cache()``. A gradient pass may record too: its outputs are the same bits."""
+    recorder = _Recorder(blocks, scoring, limit_bytes)
+    handles = [block.register_forward_hook(recorder.hook(i)) for i, block in enumerate(blocks)]
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
