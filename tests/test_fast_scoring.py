@@ -198,3 +198,23 @@ def test_cached_base_gradients_give_the_same_terms_as_a_pass_at_all_gates_off(to
     for rank in ranks:
         assert uncached.alone[rank] == pytest.approx(cached.alone[rank], rel=1e-4, abs=1e-9), rank
     assert base_gradient.gradient_bytes(layers) > 0
+
+
+def test_nothing_about_the_base_model_is_kept_when_more_than_lora_trains(torch_single_thread):
+    """A trained embedding (or bias, modules_to_save) changes the base model between rounds: no cache then."""
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    fast_scores(model, layers, "default", scoring, ranks, n_prune=2)
+    exact_scores(model, layers, "default", scoring, ranks[:2])
+    assert {key[0] for key in scoring.cache} == {"base_gradients", "base_prefix"}
+    model.base_model.model.model.embed_tokens.weight.requires_grad_(True)
+    fresh, _, _ = _scoring_set()
+    first = fast_scores(model, layers, "default", fresh, ranks, n_prune=2)
+    exact_scores(model, layers, "default", fresh, ranks[:2])
+    assert fresh.cache == {}
+    with torch.no_grad():  # as a training step would
+        model.base_model.model.model.embed_tokens.weight.mul_(1.1)
+    again = fast_scores(model, layers, "default", fresh, ranks, n_prune=2)
+    brand_new, _, _ = _scoring_set()
+    assert again == fast_scores(model, layers, "default", brand_new, ranks, n_prune=2) != first

@@ -13,7 +13,7 @@ import torch
 
 from ..allocation import Rank
 from ..distributed import sum_across_processes, world
-from .common import ScoringSet, eval_mode, model_device, scoring_loss
+from .common import ScoringSet, base_cache_key, base_is_frozen, eval_mode, model_device, scoring_loss
 from .prefix import PrefixCache, decoder_blocks
 
 
@@ -88,15 +88,19 @@ def exact_scores(
 
 
 def base_prefix(model, editor: GateEditor, blocks, scoring: ScoringSet) -> PrefixCache:
-    """Block outputs of the base model (every gate off): fixed for the run, so recorded once per scoring set."""
-    key = ("base_prefix", id(model), editor.adapter, tuple(editor.layers))
-    if key not in scoring.cache:
-        editor.only(None)
-        try:
-            scoring.cache[key] = PrefixCache.record(model, blocks, scoring)
-        finally:
-            editor.restore()
-    return scoring.cache[key]
+    """Block outputs of the base model (every gate off): recorded once per scoring set while only LoRA
+    factors train, every time otherwise."""
+    key = base_cache_key(model, "base_prefix", editor.adapter, editor.layers)
+    if key in scoring.cache:
+        return scoring.cache[key]
+    editor.only(None)
+    try:
+        prefix = PrefixCache.record(model, blocks, scoring)
+    finally:
+        editor.restore()
+    if base_is_frozen(model):
+        scoring.cache[key] = prefix
+    return prefix
 
 
 def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None,

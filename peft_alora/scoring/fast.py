@@ -26,7 +26,7 @@ import torch
 from ..allocation import Rank
 from ..distributed import sum_across_processes, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
-from .common import ScoringSet, batch_loss_sum, eval_mode, model_device
+from .common import ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, model_device
 from .exact import GateEditor, distributed_exact_scores
 from .prefix import PrefixCache, decoder_blocks, recording
 
@@ -96,8 +96,9 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
     mine = list(range(len(scoring.batches)))[me::processes]
     device = model_device(model)
     editor = GateEditor(layers, adapter)
-    cache_key = ("base_gradients", adapter, tuple(layers))
+    cache_key = base_cache_key(model, "base_gradients", adapter, layers)
     base = scoring.cache.get(cache_key)
+    keep = base_is_frozen(model) and gradient_bytes(layers) <= CACHE_LIMIT_BYTES
     try:
         blocks = decoder_blocks(model, layers)[0] if record_prefix and processes == 1 else None
         with eval_mode(model):
@@ -106,7 +107,7 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
             with torch.no_grad():
                 editor.only(None)  # the base model
             base_pass = lambda: gate_gradients(model, editor, scoring, mine, progress)  # noqa: E731
-            if base is None and gradient_bytes(layers) <= CACHE_LIMIT_BYTES:
+            if base is None and keep:
                 base = scoring.cache[cache_key] = BaseGradients.compute(layers, base_pass, device)
             off = base_pass() if base is None else None
     finally:
