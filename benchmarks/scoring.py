@@ -215,36 +215,44 @@ def real_costs(args) -> dict:
         optimizer.zero_grad()
 
     train_step()  # warm-up; also moves B off zero
-    step_seconds, _ = median_time(train_step, args.repeats)
-    # the first call also runs the once-per-run passes of the base model (kept as weight gradients)
-    fast_times, _ = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=0),
-                          args.repeats + 1)
-    first_order_seconds = statistics.median(fast_times[1:])
+    started = time.perf_counter()
+    fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=0)  # + the once-per-run base pass
+    first_call = time.perf_counter() - started
+    # side by side: each repetition times a training step, then a round of every setting, so that the
+    # ratios (round / step) compare times taken under the same load
+    settings = sorted(set(args.refine) | {0})
+    step_times, seconds = [], {k: [] for k in settings}
+    for rep in range(args.repeats):
+        step_times.append(timed(train_step, 1)[0][0])
+        for k in settings:
+            seconds[k].append(timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7,
+                                                        refine=k), 1)[0][0])
+        print(f"rep {rep}: training step {step_times[-1]:.1f}s, " + ", ".join(
+            f"scoring_refine={k} {seconds[k][-1]:.1f}s" for k in settings), flush=True)
+    in_steps = {k: statistics.median(t / s for t, s in zip(seconds[k], step_times)) for k in settings}
+    step_seconds = statistics.median(step_times)
     refine = args.refine[0]  # the library's default unless told otherwise
-    refined = {}
-    for k in [k for k in args.refine if k > 0]:
-        times, _ = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=k),
-                         args.repeats)
-        refined[k] = statistics.median(times)
-    fast_seconds = refined.get(refine, first_order_seconds)
-    first_round = fast_times[0] + fast_seconds - first_order_seconds  # with the once-per-run base-model pass
     sample = ranks[:: max(1, len(ranks) // args.exact_sample)][: args.exact_sample]
     distributed_exact_scores(model, layers, "default", scoring, sample[:1])  # records the base model's blocks once
     blocks, _ = decoder_blocks(model, layers)
     record_seconds, _ = median_time(lambda: PrefixCache.record(model, blocks, scoring), 1)  # once per round
+    around = [timed(train_step, 1)[0][0]]
     started = time.perf_counter()
     distributed_exact_scores(model, layers, "default", scoring, sample)
     per_rank = (time.perf_counter() - started - record_seconds) / len(sample)
+    around.append(timed(train_step, 1)[0][0])
     exact_round = record_seconds + per_rank * len(ranks)
+    exact_steps = exact_round / statistics.mean(around)
+    print(f"exact: {per_rank:.1f}s per rank (2 ablations), round estimated {exact_round:.0f}s = {exact_steps:.0f} "
+          f"training steps", flush=True)
     result = {"ranks": len(ranks), "train_step_seconds": step_seconds, "refine": refine,
-              "fast_round_seconds": fast_seconds, "fast_round_in_train_steps": fast_seconds / step_seconds,
-              "first_order_round_seconds": first_order_seconds,
-              "first_order_round_in_train_steps": first_order_seconds / step_seconds,
-              "fast_first_round_seconds": first_round, "fast_first_round_in_train_steps": first_round / step_seconds,
-              "exact_sampled_ranks": len(sample),
-              "exact_ablations_timed": 2 * len(sample), "exact_round_seconds_estimated": exact_round,
-              "exact_round_in_train_steps": exact_round / step_seconds, "speedup": exact_round / fast_seconds,
-              "refined_round_in_train_steps": {k: v / step_seconds for k, v in refined.items()}}
+              "fast_round_seconds": statistics.median(seconds[refine]), "fast_round_in_train_steps": in_steps[refine],
+              "first_order_round_seconds": statistics.median(seconds[0]), "first_order_round_in_train_steps": in_steps[0],
+              "round_in_train_steps": in_steps, "fast_first_call_seconds": first_call,
+              "fast_first_call_in_train_steps": first_call / step_seconds,
+              "exact_sampled_ranks": len(sample), "exact_ablations_timed": 2 * len(sample),
+              "exact_round_seconds_estimated": exact_round, "exact_round_in_train_steps": exact_steps,
+              "speedup": exact_steps / in_steps[refine]}
     print(json.dumps(result), flush=True)
     return result
 

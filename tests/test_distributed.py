@@ -96,8 +96,10 @@ def test_both_processes_decide_identically(runs):
 def test_scoring_is_split_over_the_processes(runs):
     scorer, two, _ = runs
     (r0, _), (r1, _) = two[0], two[1]
-    if scorer == "fast":  # the micro-batches are split, the exact scorer is never called
-        assert r0["ranks_scored_here"] == r1["ranks_scored_here"] == []
+    if scorer == "fast":  # the micro-batches are split, and so are the exact "without" terms of the refinement
+        assert len(r0["ranks_scored_here"]) == len(r1["ranks_scored_here"]) == 3
+        for mine, theirs in zip(r0["ranks_scored_here"], r1["ranks_scored_here"]):
+            assert mine + theirs == 2 * 7 and abs(mine - theirs) <= 1  # default scoring_refine: 2 x 7 pruned
         return
     active_before = [h["active_total"] for h in r0["history"][:-1]]  # ranks scored in each round
     assert len(active_before) == len(r0["ranks_scored_here"]) == len(r1["ranks_scored_here"]) == 3
