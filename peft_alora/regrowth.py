@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .distributed import sum_across_processes, world
+from .distributed import full, sum_across_processes, world
 from .scoring.common import ScoringSet, batch_loss_sum, eval_mode, model_device
 
 
@@ -65,7 +65,7 @@ def gradient_directions(
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
             continue
         layer = chosen[name]
-        rows = layer.lora_A[adapter].weight.detach().float().to(g.device)[layer.active_slots(adapter)]
+        rows = full(layer.lora_A[adapter].weight.detach()).float().to(g.device)[layer.active_slots(adapter)]
         if rows.numel():
             basis, _ = torch.linalg.qr(rows.T)  # d_in x r_active, orthonormal
             g = g - (g @ basis) @ basis.T

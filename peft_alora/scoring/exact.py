@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from ..allocation import Rank
-from ..distributed import sum_across_processes, world
+from ..distributed import share_work, world
 from .common import ScoringSet, eval_mode, model_device, scoring_loss
 
 
@@ -70,14 +70,13 @@ def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=No
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
     every process ends with bit-identical scores, hence identical decisions.
     """
-    processes, me = world()
-    if processes == 1:
+    if world()[0] == 1:
         return exact_scores(model, layers, adapter, scoring, ranks, progress)
-    mine = list(ranks)[me::processes]
-    local = exact_scores(model, layers, adapter, scoring, mine, progress)
+    work = share_work(model, ranks)
+    local = exact_scores(model, layers, adapter, scoring, work.mine, progress)
     vector = torch.zeros(len(ranks), dtype=torch.float64)
     index = {rank: i for i, rank in enumerate(ranks)}
     for rank, value in local.items():
         vector[index[rank]] = value
-    vector = sum_across_processes(vector, model_device(model))
+    vector = work.total(vector, model_device(model))
     return {rank: float(vector[i]) for i, rank in enumerate(ranks)}

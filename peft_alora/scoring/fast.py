@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from ..allocation import Rank
-from ..distributed import sum_across_processes, world
+from ..distributed import share_work
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import ScoringSet, batch_loss_sum, eval_mode, model_device
 from .exact import GateEditor, distributed_exact_scores
@@ -88,8 +88,8 @@ class TaylorTerms:
 def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, scoring: ScoringSet,
                  ranks: Sequence[Rank], progress=None) -> TaylorTerms:
     """Gate derivatives at the current gates and at all gates off, for every rank in ``ranks``."""
-    processes, me = world()
-    mine = list(range(len(scoring.batches)))[me::processes]
+    work = share_work(model, range(len(scoring.batches)))
+    mine = work.mine
     device = model_device(model)
     editor = GateEditor(layers, adapter)
     cache_key = ("base_gradients", adapter, tuple(layers))
@@ -101,13 +101,13 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
                 editor.only(None)  # the base model
             base_pass = lambda: gate_gradients(model, editor, scoring, mine, progress)  # noqa: E731
             if base is None and gradient_bytes(layers) <= CACHE_LIMIT_BYTES:
-                base = scoring.cache[cache_key] = BaseGradients.compute(layers, base_pass, device)
+                base = scoring.cache[cache_key] = BaseGradients.compute(layers, base_pass, device, work.total)
             off = base_pass() if base is None else None
     finally:
         editor.restore()
-    on = sum_across_processes(on, device) / scoring.n_tokens
+    on = work.total(on, device) / scoring.n_tokens
     if off is not None:
-        off = sum_across_processes(off, device) / scoring.n_tokens
+        off = work.total(off, device) / scoring.n_tokens
     else:  # the same derivatives from the cached base gradients
         off = torch.cat([torch.tensor([base.loss], dtype=torch.float64)]
                         + [base.alone(editor.layers[name], name, adapter) for name in editor.layers]) / scoring.n_tokens

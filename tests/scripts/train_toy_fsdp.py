@@ -1,0 +1,141 @@
+"""A custom training loop with ALoRA rounds, under FSDP2 (``fully_shard`` per decoder layer) or on 1 process.
+
+Used by tests/test_fsdp.py:
+
+    torchrun --nproc_per_node 2 tests/scripts/train_toy_fsdp.py OUT_DIR [--scorer fast|exact]   # sharded
+    python tests/scripts/train_toy_fsdp.py OUT_DIR [--scorer fast|exact]                         # reference
+
+The global batch is the same in both (8 rows; each of 2 processes takes 4), so both runs should take
+the same decisions. 27 gated ranks (3 modules x 3 decoder layers x r=3) and 3 scoring micro-batches:
+neither divides by 2. Every process writes ``OUT_DIR/result_rank{RANK}.json`` (sharding seen, decisions,
+scores, checks of the regrown slots) and ``OUT_DIR/adapter_rank{RANK}.safetensors`` (the full adapter,
+gathered); process 0 also writes ``OUT_DIR/native`` (save_pretrained) and ``OUT_DIR/export`` (export_lora).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import peft_alora  # noqa: E402
+from peft_alora.distributed import adapter_state_dict, full, world  # noqa: E402
+from peft_alora.scoring import ScoringSet  # noqa: E402
+from peft_alora.toy import toy_llama, toy_pairs, toy_tokenizer  # noqa: E402
+
+GLOBAL_BATCH = 8
+LENGTH = 32
+
+
+def encode(tokenizer, pairs) -> dict:
+    texts = [f"Q: {q}\nA: {a}</s>" for q, a in pairs]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def slot_checks(allocator, optimizer, record) -> list[dict]:
+    """For each regrown slot: is its B column zero and are its optimizer moments (A row, B column) zero?"""
+    checks = []
+    for module, slot in record["grown_slots"]:
+        layer = allocator.layers[module]
+        weight_a, weight_b = layer.lora_A[allocator.adapter].weight, layer.lora_B[allocator.adapter].weight
+        moments = [full(optimizer.state[p][key]) for p in (weight_a, weight_b) for key in ("exp_avg", "exp_avg_sq")]
+        checks.append({
+            "slot": [module, slot],
+            "b_column_zero": bool((full(weight_b)[:, slot] == 0).all()),
+            "a_row_norm": float(full(weight_a.detach())[slot].norm()),
+            "moments_zero": all(bool((m[slot] == 0).all()) for m in moments[:2])
+            and all(bool((m[:, slot] == 0).all()) for m in moments[2:]),
+        })
+    return checks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--scorer", default="fast")
+    parser.add_argument("--regrow-init", default="gradient")
+    parser.add_argument("--scoring-refine", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")
+    processes, me = world()
+
+    tokenizer = toy_tokenizer()
+    model = toy_llama(len(tokenizer), layers=3, seed=0)
+    config = peft_alora.ALoRAConfig(
+        r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+        allocation_start=2, allocation_end=6, allocation_rounds=3, scoring_examples=12, scoring_batch_size=4,
+        scorer=args.scorer, scoring_refine=args.scoring_refine, regrow_init=args.regrow_init)
+    torch.manual_seed(0)
+    model = get_peft_model(model, config)
+    if processes > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.base_model.model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    train = encode(tokenizer, toy_pairs(args.steps * GLOBAL_BATCH, seed=0))
+    dev = encode(tokenizer, toy_pairs(12, seed=99))
+    scoring = ScoringSet([{k: v[i:i + 4] for k, v in dev.items()} for i in range(0, 12, 4)])
+    allocator = peft_alora.RankAllocator(model, scoring, total_steps=args.steps, seed=0)
+
+    per_process = GLOBAL_BATCH // processes
+    checks = []
+    for step in range(1, args.steps + 1):
+        rows = slice((step - 1) * GLOBAL_BATCH + me * per_process, (step - 1) * GLOBAL_BATCH + (me + 1) * per_process)
+        batch = {k: v[rows] for k, v in train.items()}
+        global_labels = train["labels"][(step - 1) * GLOBAL_BATCH: step * GLOBAL_BATCH]
+        tokens = int((global_labels[:, 1:] != -100).sum())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+        # FSDP averages the processes' gradients: scale so that the average is the global batch's gradient
+        (loss * processes / tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record = allocator.step(step, optimizer)
+        if record is not None:
+            checks += slot_checks(allocator, optimizer, record)
+
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    state = {k: v.detach().float().cpu().clone().contiguous() for k, v in adapter_state_dict(model).items()}
+    result = {
+        "world_size": processes,
+        "rank": me,
+        "param_type": type(lora_a).__name__,
+        "local_shape": list(lora_a.to_local().shape) if hasattr(lora_a, "to_local") else list(lora_a.shape),
+        "full_shape": list(lora_a.shape),
+        "gate_type": type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_gate["default"]).__name__,
+        "history": [{k: r[k] for k in ("round", "step", "pruned", "grown", "grown_slots", "active_total")}
+                    for r in allocator.history],
+        "scores": [r.get("scores") for r in allocator.history],
+        "slot_checks": checks,
+    }
+    peft_alora.export_lora(model, os.path.join(args.output_dir, "export"))
+    model.save_pretrained(os.path.join(args.output_dir, "native"), state_dict=state, is_main_process=me == 0)
+    save_file(state, os.path.join(args.output_dir, f"adapter_rank{me}.safetensors"))
+    with open(os.path.join(args.output_dir, f"result_rank{me}.json"), "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    if processes > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
