@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
+from .distributed import check_engine
 from .model import ALoRAModel
 from .optim_state import reset_slots
 from .regrowth import gradient_directions
@@ -231,8 +232,10 @@ class RankAllocator:
             return None
         return self.run_round(global_step, optimizer)
 
-    def check_ready(self) -> None:
-        """Refuse to score when the scores would be meaningless: adapter not the one active, merged, disabled."""
+    def check_ready(self, optimizer=None) -> None:
+        """Refuse to score when the scores would be meaningless: adapter not the one active, merged, disabled,
+        or a multi-process engine whose rounds are not supported."""
+        check_engine(self.model, optimizer)
         active = list(self.tuner.active_adapters)
         if active != [self.adapter]:
             raise ValueError(
@@ -254,7 +257,7 @@ class RankAllocator:
                       n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
-        self.check_ready()
+        self.check_ready(optimizer)
         started = time.perf_counter()
         scores = self.score()
         seconds = time.perf_counter() - started

@@ -59,13 +59,17 @@ def _is_dtensor(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def _flattened_by_fsdp1(param) -> bool:
+    return bool(getattr(param, "_fsdp_flattened", False))  # FSDP1 marks every parameter it flattened
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether some parameter of ``model`` is split across processes: an FSDP2 ``DTensor``, an FSDP1 flat
     parameter, or a DeepSpeed ZeRO-3 partitioned parameter (``ds_id``)."""
     if world()[0] == 1:
         return False
     for param in model.parameters():
-        if _is_dtensor(param) or hasattr(param, "ds_id") or hasattr(param, "_is_flat_param"):
+        if _is_dtensor(param) or hasattr(param, "ds_id") or _flattened_by_fsdp1(param):
             return True
     return False
 
@@ -125,3 +129,38 @@ def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     return {name: full(value) for name, value in model.state_dict().items()
             if name in trained or ".lora_" in name}
+
+
+def check_engine(model: torch.nn.Module, optimizer=None) -> None:
+    """Refuse, naming the option, the multi-process set-ups whose ALoRA rounds are not supported (untested, or
+    known to lose slot edits), instead of hanging or diverging silently."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without torch.distributed
+        FullyShardedDataParallel = ()
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+            _flattened_by_fsdp1(p) for p in model.parameters()):
+        raise ValueError("ALoRA does not support FSDP1 (flat parameters): use FSDP2, i.e. fsdp_version: 2 in the "
+                         "accelerate config / TrainingArguments.fsdp_config, or torch's fully_shard.")
+    owners = []
+    while optimizer is not None and len(owners) < 8:  # accelerate's and DeepSpeed's wrappers hold the optimizer
+        owners.append(type(optimizer).__module__)
+        optimizer = getattr(optimizer, "optimizer", None)
+    if any(hasattr(p, "ds_id") for p in model.parameters()) or any(o.startswith("deepspeed") for o in owners):
+        raise ValueError("ALoRA does not support DeepSpeed ZeRO yet: its optimizer keeps fp32 master copies and "
+                         "moments that the slot edits of a round do not reach. Use FSDP2 (fsdp_version: 2) or DDP.")
+    for param in model.parameters():
+        if _is_dtensor(param) and param.device.type != param.device_mesh.device_type:
+            raise ValueError(f"ALoRA does not support FSDP parameter CPU offload (parameters on {param.device.type}, "
+                             f"computed on {param.device_mesh.device_type}): set offload_params: false in the FSDP "
+                             "config (torch: no CPUOffloadPolicy).")
+
+
+def fsdp_ignored_warning(args, model: torch.nn.Module):
+    """The warning to give when ``TrainingArguments.fsdp`` asks for FSDP but no parameter is sharded (accelerate
+    applies FSDP only on accelerators: on the CPU it runs DDP), else None."""
+    if not getattr(args, "fsdp", None) or is_sharded(model):
+        return None
+    return (f"TrainingArguments.fsdp={args.fsdp!r} asks for FSDP, but no parameter of the model is sharded: accelerate "
+            "applies FSDP only on accelerators (GPUs), and on the CPU it ran DDP with full copies in every process. "
+            "ALoRA's decisions are the same either way; the memory saving is not there.")
