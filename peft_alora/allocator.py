@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
-from .distributed import check_engine
+from .distributed import check_engine, release_gathered
 from .model import ALoRAModel
 from .optim_state import reset_slots
 from .regrowth import gradient_directions
@@ -260,6 +260,7 @@ class RankAllocator:
         self.check_ready(optimizer)
         started = time.perf_counter()
         scores = self.score()
+        release_gathered(self.model)
         seconds = time.perf_counter() - started
         active = self.active_slots()
         capacity = {name: layer.capacity(self.adapter) for name, layer in self.layers.items()}
@@ -279,6 +280,7 @@ class RankAllocator:
         grown_slots = self.apply(plan, optimizer, round_index=round_index)
         with eval_mode(self.model):
             loss = scoring_loss(self.model, self.scoring)
+        release_gathered(self.model)
         self.rounds_done = round_index
         record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
@@ -294,6 +296,7 @@ class RankAllocator:
         directions = {}
         if self.config.regrow_init == "gradient" and plan.grown:
             directions = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
+            release_gathered(self.model)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
         for module in sorted(plan.grown):

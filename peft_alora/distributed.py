@@ -96,16 +96,34 @@ def share_work(model: torch.nn.Module, items: Sequence) -> WorkShare:
     return WorkShare(items[me::processes], split=True)
 
 
+def _is_deepspeed(param) -> bool:
+    """A parameter managed by a DeepSpeed ZeRO optimizer: partitioned (ZeRO-3) or with fp32 master copies."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a tensor: a sharded ``DTensor`` is gathered (a collective: every process must call
-    it, in the same order); any other tensor is returned as it is."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+    """The whole value of a tensor: a sharded ``DTensor`` or a ZeRO-3 parameter is gathered (a collective:
+    every process must call it, in the same order); any other tensor is returned as it is."""
+    if _is_dtensor(tensor):
+        return tensor.full_tensor()
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        if getattr(tensor.ds_status, "name", "") == "AVAILABLE":  # left gathered by a pass outside the engine
+            return tensor.data.clone()
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.data.clone()
+    return tensor
 
 
 @torch.no_grad()
 def assign(tensor: torch.Tensor, index, value) -> None:
     """``tensor[index] = value``, also when ``tensor`` is a sharded ``DTensor``: each process writes the part
-    of ``index`` that lies in its own shard (no communication; ``value`` must be the same everywhere)."""
+    of ``index`` that lies in its own shard (no communication; ``value`` must be the same everywhere). A
+    DeepSpeed ZeRO parameter gets the value in its working copy and in the optimizer's fp32 master copy."""
+    if _is_deepspeed(tensor):
+        _assign_deepspeed(tensor, index, value)
+        return
     if not _is_dtensor(tensor):
         tensor[index] = value
         return
@@ -122,13 +140,57 @@ def assign(tensor: torch.Tensor, index, value) -> None:
     local[pieces[1]] = pieces[0][pieces[1]]
 
 
+def release_gathered(model: torch.nn.Module) -> None:
+    """Under ZeRO-3, partition again the weights that passes outside the engine left gathered: DeepSpeed frees
+    a module's weights after its backward only when the module's input needs a gradient, which scoring
+    passes with frozen weights do not give (a later gather of such a weight fails). Collective; a no-op
+    for other engines (FSDP2 reshards by itself, checked)."""
+    param = next((p for p in model.parameters() if hasattr(p, "ds_id")), None)
+    if param is not None and hasattr(getattr(param, "_z3_optimizer", None), "empty_partition_cache"):
+        param._z3_optimizer.empty_partition_cache()
+
+
+def _assign_deepspeed(param: torch.Tensor, index, value) -> None:
+    """Write the model's copy (gathered and re-partitioned under ZeRO-3) and the fp32 master copy, which the
+    next optimizer step would otherwise copy back over the edit. Collective: every process calls it."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+        param.data[index] = value
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        master[index] = value
+        safe_set_full_fp32_param(param, master)
+
+
+def reset_deepspeed_moments(param: torch.Tensor, index) -> int:
+    """Zero ``index`` of the Adam moments DeepSpeed keeps for ``param`` in its flat fp32 partitions; returns how
+    many states were reset (0 for a parameter DeepSpeed does not manage)."""
+    if not _is_deepspeed(param):
+        return 0
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    reset = 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = safe_get_full_optimizer_state(param, key)
+        if state is None:
+            continue
+        state[index] = 0
+        safe_set_full_optimizer_state(param, state, key)
+        reset += 1
+    return reset
+
+
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trained entries of ``model.state_dict()`` (trainable parameters, ``lora_*`` buffers such as the
-    gates) as whole tensors, for ``model.save_pretrained(path, state_dict=...)`` under FSDP2, whose own
-    state dict holds local shards. A collective: every process calls it; the frozen base is not gathered."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {name: full(value) for name, value in model.state_dict().items()
-            if name in trained or ".lora_" in name}
+    """The adapter's entries of ``model.state_dict()`` (trainable parameters, ``lora_*`` entries such as the
+    gates, ``modules_to_save``) as whole tensors, for ``model.save_pretrained(path, state_dict=...)`` under
+    FSDP2 or ZeRO-3, whose own state dicts hold shards. A collective: every process calls it; the frozen base
+    is not gathered."""
+    params = dict(model.named_parameters())  # ZeRO-3 gathers through the parameter, not its state-dict entry
+    trained = {name for name, p in params.items() if p.requires_grad}
+    return {name: full(params.get(name, value)).detach() for name, value in model.state_dict().items()
+            if name in trained or ".lora_" in name or "modules_to_save" in name}
 
 
 def check_engine(model: torch.nn.Module, optimizer=None) -> None:
@@ -142,13 +204,14 @@ def check_engine(model: torch.nn.Module, optimizer=None) -> None:
             _flattened_by_fsdp1(p) for p in model.parameters()):
         raise ValueError("ALoRA does not support FSDP1 (flat parameters): use FSDP2, i.e. fsdp_version: 2 in the "
                          "accelerate config / TrainingArguments.fsdp_config, or torch's fully_shard.")
-    owners = []
-    while optimizer is not None and len(owners) < 8:  # accelerate's and DeepSpeed's wrappers hold the optimizer
-        owners.append(type(optimizer).__module__)
+    zeros = []
+    while optimizer is not None and len(zeros) < 8:  # accelerate's and DeepSpeed's wrappers hold the optimizer
+        zeros.append(optimizer)
         optimizer = getattr(optimizer, "optimizer", None)
-    if any(hasattr(p, "ds_id") for p in model.parameters()) or any(o.startswith("deepspeed") for o in owners):
-        raise ValueError("ALoRA does not support DeepSpeed ZeRO yet: its optimizer keeps fp32 master copies and "
-                         "moments that the slot edits of a round do not reach. Use FSDP2 (fsdp_version: 2) or DDP.")
+    zeros = [z for z in zeros if type(z).__module__.startswith("deepspeed")]
+    if any(getattr(zero, flag, False) for zero in zeros for flag in ("cpu_offload", "offload_optimizer", "offload_param")):
+        raise ValueError("ALoRA does not support DeepSpeed ZeRO offload (offload_optimizer_device / "
+                         "offload_param_device): set both to none in the DeepSpeed config.")
     for param in model.parameters():
         if _is_dtensor(param) and param.device.type != param.device_mesh.device_type:
             raise ValueError(f"ALoRA does not support FSDP parameter CPU offload (parameters on {param.device.type}, "

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .distributed import full, world
+from .distributed import adapter_state_dict, is_sharded, world
 from .layers import GatedLoraMixin
 
 GATE_SUFFIX = ".lora_gate"
@@ -37,8 +37,9 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
     carry the ``base_model.model.`` prefix that ``PeftModel.from_pretrained`` expects, also when ``model``
     is a transformers model with the adapter loaded (its own keys lack the prefix).
     """
-    # sharded parameters (FSDP2) are gathered: every process must make this call
-    state = {k: full(v) for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    # sharded parameters (FSDP2, ZeRO-3) are gathered: every process must make this call
+    gathered = adapter_state_dict(model) if is_sharded(model) else None
+    state = get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name)
     is_peft_model = isinstance(model, PeftModel)
     if not is_peft_model:  # transformers' load_adapter / add_adapter: keys lack the prefix
         state = {PEFT_MODEL_PREFIX + k: v for k, v in state.items()}

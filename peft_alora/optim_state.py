@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .distributed import assign
+from .distributed import assign, reset_deepspeed_moments
 
 # bitsandbytes names the quantisation map of each 8-bit state tensor
 _QMAP_OF = {"state1": "qmap1", "state2": "qmap2"}
@@ -58,6 +58,7 @@ def reset_slots(optimizer, layer, adapter: str, slot: int) -> int:
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     weight_a = layer.lora_A[adapter].weight
     weight_b = layer.lora_B[adapter].weight
-    return reset_slot_state(optimizer, weight_a, (slot, slice(None))) + reset_slot_state(
-        optimizer, weight_b, (slice(None), slot)
-    )
+    slices = ((weight_a, (slot, slice(None))), (weight_b, (slice(None), slot)))
+    # DeepSpeed ZeRO keeps the moments in flat partitions, not under the parameters
+    return sum(reset_deepspeed_moments(param, index) or reset_slot_state(optimizer, param, index)
+               for param, index in slices)

@@ -1,11 +1,12 @@
-"""Multi-process engines ALoRA does not support are refused at the round (and at train begin), naming the option.
+"""Multi-process set-ups ALoRA does not support are refused at the round (and at train begin), naming the option.
 
-Each engine is built for real in one process (tests/scripts/engine_refusals.py): FSDP1's wrapper,
-DeepSpeed ZeRO-3 and ZeRO-2 (CPU accelerator, gloo). FSDP2 itself is tested in test_fsdp.py.
+FSDP1's wrapper is built for real in one process (tests/scripts/fsdp1_refusal.py). FSDP2 and
+DeepSpeed ZeRO-3 / ZeRO-2 themselves are tested in test_sharded.py.
 """
 
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -19,35 +20,28 @@ import peft_alora
 from peft_alora.distributed import check_engine, fsdp_ignored_warning, share_work
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-SCRIPT = REPO / "tests" / "scripts" / "engine_refusals.py"
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-
-
-def refusal(case: str) -> dict:
-    import os
-    import subprocess
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(SCRIPT), case], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+SCRIPT = REPO / "tests" / "scripts" / "fsdp1_refusal.py"
 
 
 def test_fsdp1_is_refused_naming_fsdp_version():
-    result = refusal("fsdp1")
-    assert result["trained"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["trained"]  # FSDP1 itself runs here
     assert "FSDP1" in result["error"] and "fsdp_version: 2" in result["error"]
 
 
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
-@pytest.mark.parametrize("stage", ["zero3", "zero2"])
-def test_deepspeed_zero_is_refused(stage):
-    result = refusal(stage)
-    assert result["trained"]  # the engine itself runs here
-    assert "DeepSpeed ZeRO" in result["error"] and "fsdp_version: 2" in result["error"]
-    assert not result["moments_keyed_by_lora_params"]  # why: a regrown slot's moments are out of reach
+def test_deepspeed_offload_is_refused_naming_the_option():
+    class ZeroOptimizer:  # stands for DeepSpeed's ZeRO optimizer (offload needs DeepSpeed's compiled CPU Adam)
+        offload_optimizer = True
+
+    ZeroOptimizer.__module__ = "deepspeed.runtime.zero.stage3"
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="offload_optimizer_device / offload_param_device"):
+        check_engine(model, SimpleNamespace(optimizer=ZeroOptimizer()))
 
 
 def test_plain_model_passes_and_keeps_all_work(torch_single_thread):

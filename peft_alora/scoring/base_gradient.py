@@ -63,8 +63,8 @@ class BaseGradients:
     def alone(self, layer: torch.nn.Module, name: str, adapter: str) -> torch.Tensor:
         """``d(summed CE)/d g`` at all gates off, for every slot of ``layer`` (float64)."""
         grad = self.grads[name]
-        weight_a = full(layer.lora_A[adapter].weight.detach()).to(grad.device, torch.float32)
-        weight_b = full(layer.lora_B[adapter].weight.detach()).to(grad.device, torch.float32)
+        weight_a = full(layer.lora_A[adapter].weight).detach().to(grad.device, torch.float32)
+        weight_b = full(layer.lora_B[adapter].weight).detach().to(grad.device, torch.float32)
         with torch.autocast(grad.device.type, enabled=False):  # fp32 whatever the caller's autocast
             per_slot = ((weight_b.t() @ grad) * weight_a).sum(dim=1)
         return (per_slot * layer.scaling[adapter]).double().cpu()

@@ -1,9 +1,10 @@
-"""A custom training loop with ALoRA rounds, under FSDP2 (``fully_shard`` per decoder layer) or on 1 process.
+"""A custom training loop with ALoRA rounds, under FSDP2 (``fully_shard`` per decoder layer), DeepSpeed ZeRO-3 /
+ZeRO-2 (CPU accelerator), or on 1 process.
 
-Used by tests/test_fsdp.py:
+Used by tests/test_sharded.py:
 
-    torchrun --nproc_per_node 2 tests/scripts/train_toy_fsdp.py OUT_DIR [--scorer fast|exact]   # sharded
-    python tests/scripts/train_toy_fsdp.py OUT_DIR [--scorer fast|exact]                         # reference
+    torchrun --nproc_per_node 2 tests/scripts/train_toy_sharded.py OUT_DIR [--scorer fast|exact] [--engine fsdp2|zero3|zero2]
+    python tests/scripts/train_toy_sharded.py OUT_DIR [--scorer fast|exact]                         # reference
 
 The global batch is the same in both (8 rows; each of 2 processes takes 4), so both runs should take
 the same decisions. 27 gated ranks (3 modules x 3 decoder layers x r=3) and 3 scoring micro-batches:
@@ -47,17 +48,35 @@ def encode(tokenizer, pairs) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def moment(optimizer, param, key):
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # DeepSpeed: in its flat fp32 partitions
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(param, key)
+    return full(optimizer.state[param][key])
+
+
+def master(param):
+    """The optimizer's fp32 master copy under DeepSpeed, else the parameter itself."""
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return full(param).detach()
+
+
 def slot_checks(allocator, optimizer, record) -> list[dict]:
-    """For each regrown slot: is its B column zero and are its optimizer moments (A row, B column) zero?"""
+    """For each regrown slot: is its B column zero (also in a master copy), are its moments (A row, B column) zero?"""
     checks = []
     for module, slot in record["grown_slots"]:
         layer = allocator.layers[module]
         weight_a, weight_b = layer.lora_A[allocator.adapter].weight, layer.lora_B[allocator.adapter].weight
-        moments = [full(optimizer.state[p][key]) for p in (weight_a, weight_b) for key in ("exp_avg", "exp_avg_sq")]
+        moments = [moment(optimizer, p, key) for p in (weight_a, weight_b) for key in ("exp_avg", "exp_avg_sq")]
         checks.append({
             "slot": [module, slot],
-            "b_column_zero": bool((full(weight_b)[:, slot] == 0).all()),
-            "a_row_norm": float(full(weight_a.detach())[slot].norm()),
+            "b_column_zero": bool((full(weight_b)[:, slot] == 0).all()) and bool((master(weight_b)[:, slot] == 0).all()),
+            "a_row_is_master": bool(torch.equal(full(weight_a).detach()[slot].float(), master(weight_a)[slot])),
+            "a_row_norm": float(full(weight_a).detach()[slot].norm()),
             "moments_zero": all(bool((m[slot] == 0).all()) for m in moments[:2])
             and all(bool((m[:, slot] == 0).all()) for m in moments[2:]),
         })
@@ -71,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--regrow-init", default="gradient")
     parser.add_argument("--scoring-refine", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--engine", default="fsdp2", choices=["fsdp2", "zero3", "zero2"],
+                        help="how to shard when started with several processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -85,13 +106,32 @@ def main(argv=None):
         scorer=args.scorer, scoring_refine=args.scoring_refine, regrow_init=args.regrow_init)
     torch.manual_seed(0)
     model = get_peft_model(model, config)
-    if processes > 1:
+    forward, deepspeed_engine = model, None
+    if processes > 1 and args.engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.base_model.model.model.layers:
             fully_shard(block)
         fully_shard(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the DTensor parameters
+    if processes > 1 and args.engine.startswith("zero"):
+        import importlib
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # this loop runs on the CPU (gloo), GPU or not
+        import deepspeed
+
+        # DeepSpeed's CPU shared-memory all-reduce kernel is compiled at start (~45 s here); gloo does without it
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # no gradient clipping (DeepSpeed's default clips at 1.0): the same update as the 1-process loop
+        settings = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // processes, "gradient_accumulation_steps": 1,
+                    "gradient_clipping": 0.0,
+                    "zero_optimization": {"stage": int(args.engine[-1])},
+                    "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "weight_decay": 0.01, "torch_adam": True}}}
+        deepspeed_engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                                 config=settings)
+        forward = deepspeed_engine
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=5e-3)
     train = encode(tokenizer, toy_pairs(args.steps * GLOBAL_BATCH, seed=0))
     dev = encode(tokenizer, toy_pairs(12, seed=99))
     scoring = ScoringSet([{k: v[i:i + 4] for k, v in dev.items()} for i in range(0, 12, 4)])
@@ -104,12 +144,16 @@ def main(argv=None):
         batch = {k: v[rows] for k, v in train.items()}
         global_labels = train["labels"][(step - 1) * GLOBAL_BATCH: step * GLOBAL_BATCH]
         tokens = int((global_labels[:, 1:] != -100).sum())
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
-        # FSDP averages the processes' gradients: scale so that the average is the global batch's gradient
-        (loss * processes / tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        # FSDP and ZeRO average the processes' gradients: scale so that the average is the global batch's gradient
+        if deepspeed_engine is not None:
+            deepspeed_engine.backward(loss * processes / tokens)
+            deepspeed_engine.step()
+        else:
+            (loss * processes / tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad()
         record = allocator.step(step, optimizer)
         if record is not None:
             checks += slot_checks(allocator, optimizer, record)
@@ -119,9 +163,10 @@ def main(argv=None):
     result = {
         "world_size": processes,
         "rank": me,
-        "param_type": type(lora_a).__name__,
-        "local_shape": list(lora_a.to_local().shape) if hasattr(lora_a, "to_local") else list(lora_a.shape),
-        "full_shape": list(lora_a.shape),
+        "param_type": type(lora_a).__name__ + (" (ZeRO-3)" if hasattr(lora_a, "ds_id") else ""),
+        "local_numel": (lora_a.to_local().numel() if hasattr(lora_a, "to_local")
+                        else lora_a.ds_tensor.numel() if hasattr(lora_a, "ds_id") else lora_a.numel()),
+        "full_numel": lora_a.ds_numel if hasattr(lora_a, "ds_id") else lora_a.numel(),
         "gate_type": type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_gate["default"]).__name__,
         "history": [{k: r[k] for k in ("round", "step", "pruned", "grown", "grown_slots", "active_total")}
                     for r in allocator.history],
