@@ -1,4 +1,5 @@
-"""ALoRA with sharded weights (FSDP2, DeepSpeed ZeRO-3) and ZeRO-2, 2 processes (gloo, CPU), decides like 1 process.
+"""ALoRA with sharded weights (FSDP2, FSDP2 + QLoRA, DeepSpeed ZeRO-3) and ZeRO-2, 2 processes (gloo, CPU), decides
+like 1 process.
 
 tests/scripts/train_toy_sharded.py runs the same 8 steps with 3 rounds in a custom loop: on 2
 processes under an engine (4 rows each) and unsharded on 1 process (8 rows). 27 ranks and 3 scoring
@@ -24,34 +25,37 @@ SCRIPT = REPO / "tests" / "scripts" / "train_toy_sharded.py"
 # the exact scorer with the paper's random regrowth; the fast one with exact re-scoring and gradient regrowth
 VARIANTS = {"exact": ["--scorer", "exact", "--regrow-init", "random"],
             "fast": ["--scorer", "fast", "--scoring-refine", "2", "--regrow-init", "gradient"]}
-CASES = [("fsdp2", "exact"), ("fsdp2", "fast"), ("zero3", "fast"), ("zero2", "exact")]
+# fsdp2+qlora: FSDP-QLoRA, the 4-bit base weights sharded too (NF4 stored as fp32, the model's dtype)
+CASES = [("fsdp2", "exact"), ("fsdp2+qlora", "fast"), ("zero3", "fast"), ("zero2", "exact")]
 NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """1-process runs, by scorer variant (computed on first use)."""
+    """1-process runs, by scorer variant and base (4-bit or not), computed on first use."""
     cache = {}
 
-    def get(variant):
-        if variant not in cache:
+    def get(variant, qlora):
+        if (variant, qlora) not in cache:
             out = tmp_path_factory.mktemp(f"one-{variant}")
-            cache[variant] = out, run([sys.executable, SCRIPT, out, *VARIANTS[variant]], out)
-        return cache[variant]
+            cache[variant, qlora] = out, run([sys.executable, SCRIPT, out, *VARIANTS[variant], *qlora], out)
+        return cache[variant, qlora]
     return get
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def runs(request, tmp_path_factory, references):
     engine, variant = request.param
+    engine, _, base = engine.partition("+")
+    qlora = ["--qlora"] if base == "qlora" else []
     if engine.startswith("zero") and NO_DEEPSPEED:
         pytest.skip("deepspeed not installed")
     out = tmp_path_factory.mktemp(f"{engine}-{variant}")
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out,
-               "--engine", engine, *VARIANTS[variant]], out)
-    one_dir, one = references(variant)
-    return engine, (out, two), (one_dir, one)
+               "--engine", engine, *VARIANTS[variant], *qlora], out)
+    one_dir, one = references(variant, tuple(qlora))
+    return request.param[0], (out, two), (one_dir, one)
 
 
 def test_weights_are_partitioned_and_gates_replicated(runs):
@@ -59,12 +63,16 @@ def test_weights_are_partitioned_and_gates_replicated(runs):
     assert sorted(two) == [0, 1]
     for rank, (result, _) in two.items():
         assert result["world_size"] == 2 and result["rank"] == rank
-        expected = {"fsdp2": "DTensor", "zero3": "Parameter (ZeRO-3)", "zero2": "Parameter"}[engine]
+        expected = {"fsdp2": "DTensor", "zero3": "Parameter (ZeRO-3)", "zero2": "Parameter"}[engine.split("+")[0]]
         assert result["param_type"] == expected
         if engine != "zero2":  # ZeRO-2 partitions the optimizer state and gradients, not the weights
             assert result["local_numel"] < result["full_numel"]  # each process holds part of lora_A
         assert result["gate_type"] == "Tensor"  # a plain buffer, the same in every process
+        if engine == "fsdp2+qlora":
+            assert result["base_layer_type"] == "Linear4bit" and result["base_weight_type"] == "DTensor"
     assert one[0][0]["param_type"] == "Parameter" and one[0][0]["world_size"] == 1
+    if engine == "fsdp2+qlora":
+        assert one[0][0]["base_weight_type"] == "Params4bit"
 
 
 def test_sharded_run_decides_like_one_process(runs):

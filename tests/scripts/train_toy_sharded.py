@@ -83,6 +83,20 @@ def slot_checks(allocator, optimizer, record) -> list[dict]:
     return checks
 
 
+def quantized(model, folder: str, me: int):
+    """``model`` saved by process 0 and loaded back in 4 bits by every process. The 4-bit storage dtype is the
+    model's float dtype, so that FSDP can shard the packed weights like any other (FSDP-QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if me == 0:
+        model.save_pretrained(folder)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_quant_storage=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
@@ -90,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--regrow-init", default="gradient")
     parser.add_argument("--scoring-refine", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--qlora", action="store_true",
+                        help="4-bit base (bitsandbytes NF4, storage dtype = compute dtype = fp32, as FSDP needs)")
     parser.add_argument("--engine", default="fsdp2", choices=["fsdp2", "zero3", "zero2"],
                         help="how to shard when started with several processes")
     args = parser.parse_args(argv)
@@ -100,6 +116,8 @@ def main(argv=None):
 
     tokenizer = toy_tokenizer()
     model = toy_llama(len(tokenizer), layers=3, seed=0)
+    if args.qlora:
+        model = quantized(model, os.path.join(args.output_dir, "base"), me)
     config = peft_alora.ALoRAConfig(
         r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
         allocation_start=2, allocation_end=6, allocation_rounds=3, scoring_examples=12, scoring_batch_size=4,
@@ -168,6 +186,8 @@ def main(argv=None):
                         else lora_a.ds_tensor.numel() if hasattr(lora_a, "ds_id") else lora_a.numel()),
         "full_numel": lora_a.ds_numel if hasattr(lora_a, "ds_id") else lora_a.numel(),
         "gate_type": type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_gate["default"]).__name__,
+        "base_layer_type": type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__,
+        "base_weight_type": type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight).__name__,
         "history": [{k: r[k] for k in ("round", "step", "pruned", "grown", "grown_slots", "active_total")}
                     for r in allocator.history],
         "scores": [r.get("scores") for r in allocator.history],
