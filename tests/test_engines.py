@@ -1,6 +1,7 @@
 """Multi-process set-ups ALoRA does not support are refused at the round (and at train begin), naming the option.
 
-FSDP1's wrapper is built for real in one process (tests/scripts/fsdp1_refusal.py). FSDP2 and
+FSDP1's wrapper is built for real in one process (tests/scripts/engine_refusals.py; FSDP2's CPU offload
+in tests/test_gpu.py, it needs CUDA). FSDP2 and
 DeepSpeed ZeRO-3 / ZeRO-2 themselves are tested in test_sharded.py.
 """
 
@@ -20,16 +21,21 @@ import peft_alora
 from peft_alora.distributed import check_engine, fsdp_ignored_warning, share_work
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-SCRIPT = REPO / "tests" / "scripts" / "fsdp1_refusal.py"
+SCRIPT = REPO / "tests" / "scripts" / "engine_refusals.py"
+
+
+def refusal(case: str) -> dict:
+    """Run tests/scripts/engine_refusals.py CASE; its JSON line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(SCRIPT), case], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_fsdp1_is_refused_naming_fsdp_version():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = refusal("fsdp1")
     assert result["trained"]  # FSDP1 itself runs here
     assert "FSDP1" in result["error"] and "fsdp_version: 2" in result["error"]
 
