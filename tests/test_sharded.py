@@ -27,6 +27,7 @@ VARIANTS = {"exact": ["--scorer", "exact", "--regrow-init", "random"],
             "fast": ["--scorer", "fast", "--scoring-refine", "2", "--regrow-init", "gradient"]}
 # fsdp2+qlora: FSDP-QLoRA, the 4-bit base weights sharded too (NF4 stored as fp32, the model's dtype)
 CASES = [("fsdp2", "exact"), ("fsdp2+qlora", "fast"), ("zero3", "fast"), ("zero2", "exact")]
+SAVE_AT = 4  # the fsdp2-exact run also writes a checkpoint after this step (a round ran at step 4)
 NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
 
 
@@ -48,18 +49,19 @@ def runs(request, tmp_path_factory, references):
     engine, variant = request.param
     engine, _, base = engine.partition("+")
     qlora = ["--qlora"] if base == "qlora" else []
+    save = ["--save-at", str(SAVE_AT)] if request.param == ("fsdp2", "exact") else []
     if engine.startswith("zero") and NO_DEEPSPEED:
         pytest.skip("deepspeed not installed")
     out = tmp_path_factory.mktemp(f"{engine}-{variant}")
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out,
-               "--engine", engine, *VARIANTS[variant], *qlora], out)
+               "--engine", engine, *VARIANTS[variant], *qlora, *save], out)
     one_dir, one = references(variant, tuple(qlora))
-    return request.param[0], (out, two), (one_dir, one)
+    return request.param, (out, two), (one_dir, one)
 
 
 def test_weights_are_partitioned_and_gates_replicated(runs):
-    engine, (_, two), (_, one) = runs
+    (engine, _), (_, two), (_, one) = runs
     assert sorted(two) == [0, 1]
     for rank, (result, _) in two.items():
         assert result["world_size"] == 2 and result["rank"] == rank
@@ -111,3 +113,20 @@ def test_full_adapter_is_saved(runs, folder):
     for name in one:
         assert two[name].shape == one[name].shape, name  # whole tensors, not one process's shard
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_checkpoint_resumes_under_fsdp2_to_the_same_end(runs):
+    """Save (whole adapter with gates, Adam state via torch.distributed.checkpoint's full state dicts, allocator
+    JSON) after step 4 under FSDP2, resume in 2 new processes: the same rounds and bit-identical weights."""
+    case, (out, two), _ = runs
+    if case != ("fsdp2", "exact"):
+        pytest.skip("resume is run once, for the fsdp2-exact case")
+    resumed = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out / "resumed",
+                   "--engine", "fsdp2", *VARIANTS["exact"], "--resume-from", out / "checkpoint"], out / "resumed")
+    for rank, (result, weights) in resumed.items():
+        assert result["param_type"] == "DTensor"
+        assert result["history"] == two[rank][0]["history"] and result["scores"] == two[rank][0]["scores"]
+        assert len(result["slot_checks"]) == 3  # only the round after step 4 ran after the resume
+        for name, tensor in two[rank][1].items():
+            assert torch.equal(weights[name], tensor), name

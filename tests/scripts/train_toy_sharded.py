@@ -97,6 +97,43 @@ def quantized(model, folder: str, me: int):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
 
 
+def save_checkpoint(folder: str, model, optimizer, allocator, step: int, me: int) -> None:
+    """Whole tensors (adapter with its gates, Adam state) as safetensors, the rest as JSON; process 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    adapter = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    moments = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    if me == 0:
+        os.makedirs(folder, exist_ok=True)
+        save_file(adapter, os.path.join(folder, "adapter.safetensors"))
+        save_file({f"{name}|{key}": full(t).detach().cpu().contiguous() for name, state in moments["state"].items()
+                   for key, t in state.items()}, os.path.join(folder, "optimizer.safetensors"))
+        with open(os.path.join(folder, "state.json"), "w") as f:
+            json.dump({"step": step, "allocator": allocator.state_dict(), "param_groups": moments["param_groups"]}, f)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_checkpoint(folder: str, model, optimizer, allocator) -> int:
+    """Load what save_checkpoint wrote into the (sharded) model and optimizer; returns the step to go on after."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, load_file(os.path.join(folder, "adapter.safetensors")), options=options)
+    with open(os.path.join(folder, "state.json")) as f:
+        saved = json.load(f)
+    moments = {}
+    for key, tensor in load_file(os.path.join(folder, "optimizer.safetensors")).items():
+        name, entry = key.split("|")
+        moments.setdefault(name, {})[entry] = tensor
+    set_optimizer_state_dict(model, optimizer, {"state": moments, "param_groups": saved["param_groups"]},
+                             options=options)
+    allocator.load_state_dict(saved["allocator"])
+    return saved["step"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
@@ -106,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--qlora", action="store_true",
                         help="4-bit base (bitsandbytes NF4, storage dtype = compute dtype = fp32, as FSDP needs)")
+    parser.add_argument("--save-at", type=int, default=None, help="write OUT_DIR/checkpoint after this step")
+    parser.add_argument("--resume-from", default=None, help="a checkpoint folder written by --save-at")
     parser.add_argument("--engine", default="fsdp2", choices=["fsdp2", "zero3", "zero2"],
                         help="how to shard when started with several processes")
     args = parser.parse_args(argv)
@@ -157,7 +196,8 @@ def main(argv=None):
 
     per_process = GLOBAL_BATCH // processes
     checks = []
-    for step in range(1, args.steps + 1):
+    done = load_checkpoint(args.resume_from, model, optimizer, allocator) if args.resume_from else 0
+    for step in range(done + 1, args.steps + 1):
         rows = slice((step - 1) * GLOBAL_BATCH + me * per_process, (step - 1) * GLOBAL_BATCH + (me + 1) * per_process)
         batch = {k: v[rows] for k, v in train.items()}
         global_labels = train["labels"][(step - 1) * GLOBAL_BATCH: step * GLOBAL_BATCH]
@@ -175,6 +215,8 @@ def main(argv=None):
         record = allocator.step(step, optimizer)
         if record is not None:
             checks += slot_checks(allocator, optimizer, record)
+        if step == args.save_at:
+            save_checkpoint(os.path.join(args.output_dir, "checkpoint"), model, optimizer, allocator, step, me)
 
     lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     state = {k: v.detach().float().cpu().clone().contiguous() for k, v in adapter_state_dict(model).items()}
