@@ -159,6 +159,34 @@ def run_worker(method: str, seed: int, scorer: str, args) -> dict:
             "rounds": len(callback.allocator.history) - 1 if callback else 0}
 
 
+def recipe_worker(method: str, args) -> dict:
+    """One process: the default recipe (``alora-sft`` with no arguments: SmolLM2-135M-Instruct on the
+    ISO-dates task) trained with ALoRA (its callback, default scorer) or with plain LoRA from the
+    same ModelConfig; the wall time of ``trainer.train()`` (the before/after evaluations are the same for both)."""
+    import torch
+    from trl import get_peft_config
+
+    from peft_alora import ALoRACallback
+    from peft_alora.cli.args import parse_args
+    from peft_alora.cli.sft import build_trainer
+
+    torch.set_num_threads(args.threads)
+    script, training, model, data, alora, _ = parse_args(
+        ["--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true"])
+    trainer, *_ = build_trainer(script, training, model, data, alora,
+                                peft_config=get_peft_config(model) if method == "lora" else None)
+    callback = ALoRACallback(trainer) if method == "alora" else None
+    if callback:
+        trainer.add_callback(callback)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    history = callback.allocator.history if callback else []
+    return {"method": method, "run_seconds": seconds, "steps": trainer.state.global_step,
+            "scoring_seconds": sum(r["scoring_seconds"] for r in history), "rounds": max(len(history) - 1, 0),
+            "final_train_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
 def in_subprocess(kind: str, *fields, args) -> dict:
     command = [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
                "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
@@ -193,6 +221,8 @@ def main(argv=None):
     parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit", "smollm2-fp32"],
                         help="fp32 / 4bit: the wide random Llama; smollm2-fp32 / smollm2-4bit: the real SmolLM2-135M")
     parser.add_argument("--run-scorers", nargs="+", default=None, help="ALoRA scorers of the whole-run comparison")
+    parser.add_argument("--recipe-reps", type=int, default=0,
+                        help="also run the default recipe (alora-sft, SmolLM2) this many times per method (~3 min each)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(RESULTS, "overhead.json"))
     args = parser.parse_args(argv)
@@ -207,6 +237,8 @@ def main(argv=None):
             result = step_worker(fields[0], fields[1], args)
         elif kind == "memory":
             result = memory_worker(fields[0], fields[1], fields[2], args)
+        elif kind == "recipe":
+            result = recipe_worker(fields[0], args)
         else:
             result = run_worker(fields[0], int(fields[1]), fields[2], args)
         print(json.dumps(result))
@@ -238,6 +270,14 @@ def main(argv=None):
             print(f"SFT run {kind:6} {row['scorer'] or '':5} rep {rep}: {row['run_seconds']:.1f}s "
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
 
+    recipes = []
+    for rep in range(args.recipe_reps):
+        for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
+            row = in_subprocess("recipe", method, args=args)
+            recipes.append(row)
+            print(f"default recipe {method:6} rep {rep}: {row['run_seconds']:.1f}s for {row['steps']} steps "
+                  f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
+
     table = {}
     for precision in args.precisions if steps else []:
         rows = [r for r in steps if r["precision"] == precision]
@@ -264,6 +304,8 @@ def main(argv=None):
         print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
               f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
               f"{t['peak_memory_ratio']:6.3f}")
+    if recipes:
+        print(f"default recipe (alora-sft): ALoRA / LoRA wall time of trainer.train() {ratio(recipes, 'run_seconds'):.3f}")
     for scorer, value in run_ratios.items():
         share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
         print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
@@ -272,12 +314,13 @@ def main(argv=None):
                                            4),
                 "run_time_ratio": round(run_ratio, 4),
                 **{f"run_time_ratio_{k}": round(v, 4) for k, v in run_ratios.items()},
+                **({"recipe_run_time_ratio": round(ratio(recipes, "run_seconds"), 4)} if recipes else {}),
                 **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},
                 **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
-                   "steps": steps, "memory": memory, "runs": runs, "table": table, "headline": headline}, handle, indent=1)
+                   "steps": steps, "memory": memory, "runs": runs, "recipes": recipes, "table": table, "headline": headline}, handle, indent=1)
     print(f"wrote {args.out}")
     print(json.dumps(headline))
 

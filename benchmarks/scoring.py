@@ -35,6 +35,8 @@ from peft_alora.allocation import plan_round  # noqa: E402
 from peft_alora.allocator import RankAllocator  # noqa: E402
 from peft_alora.scoring import ScoringSet, distributed_exact_scores, fast_scores, scoring_loss  # noqa: E402
 from peft_alora.scoring.common import IGNORE_INDEX  # noqa: E402
+from peft_alora.scoring.fast import default_refine  # noqa: E402
+from peft_alora.scoring.prefix import PrefixCache, decoder_blocks  # noqa: E402
 from peft_alora.toy import toy_llama, toy_pairs, toy_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -214,21 +216,35 @@ def real_costs(args) -> dict:
 
     train_step()  # warm-up; also moves B off zero
     step_seconds, _ = median_time(train_step, args.repeats)
-    # the first call also runs the once-per-run pass of the base model (kept as weight gradients)
+    # the first call also runs the once-per-run passes of the base model (kept as weight gradients)
     fast_times, _ = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=0),
                           args.repeats + 1)
-    fast_seconds = statistics.median(fast_times[1:])
+    first_order_seconds = statistics.median(fast_times[1:])
+    refine = args.refine[0]  # the library's default unless told otherwise
+    refined = {}
+    for k in [k for k in args.refine if k > 0]:
+        times, _ = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7, refine=k),
+                         args.repeats)
+        refined[k] = statistics.median(times)
+    fast_seconds = refined.get(refine, first_order_seconds)
+    first_round = fast_times[0] + fast_seconds - first_order_seconds  # with the once-per-run base-model pass
     sample = ranks[:: max(1, len(ranks) // args.exact_sample)][: args.exact_sample]
+    distributed_exact_scores(model, layers, "default", scoring, sample[:1])  # records the base model's blocks once
+    blocks, _ = decoder_blocks(model, layers)
+    record_seconds, _ = median_time(lambda: PrefixCache.record(model, blocks, scoring), 1)  # once per round
     started = time.perf_counter()
     distributed_exact_scores(model, layers, "default", scoring, sample)
-    per_rank = (time.perf_counter() - started) / len(sample)
-    result = {"ranks": len(ranks), "train_step_seconds": step_seconds, "fast_round_seconds": fast_seconds,
-              "fast_round_in_train_steps": fast_seconds / step_seconds,
-              "fast_first_round_seconds": fast_times[0], "fast_first_round_in_train_steps": fast_times[0] / step_seconds,
+    per_rank = (time.perf_counter() - started - record_seconds) / len(sample)
+    exact_round = record_seconds + per_rank * len(ranks)
+    result = {"ranks": len(ranks), "train_step_seconds": step_seconds, "refine": refine,
+              "fast_round_seconds": fast_seconds, "fast_round_in_train_steps": fast_seconds / step_seconds,
+              "first_order_round_seconds": first_order_seconds,
+              "first_order_round_in_train_steps": first_order_seconds / step_seconds,
+              "fast_first_round_seconds": first_round, "fast_first_round_in_train_steps": first_round / step_seconds,
               "exact_sampled_ranks": len(sample),
-              "exact_ablations_timed": 2 * len(sample), "exact_round_seconds_estimated": per_rank * len(ranks),
-              "exact_round_in_train_steps": per_rank * len(ranks) / step_seconds,
-              "speedup": per_rank * len(ranks) / fast_seconds}
+              "exact_ablations_timed": 2 * len(sample), "exact_round_seconds_estimated": exact_round,
+              "exact_round_in_train_steps": exact_round / step_seconds, "speedup": exact_round / fast_seconds,
+              "refined_round_in_train_steps": {k: v / step_seconds for k, v in refined.items()}}
     print(json.dumps(result), flush=True)
     return result
 
@@ -303,22 +319,31 @@ def main(argv=None):
     parser.add_argument("--scoring-examples", type=int, default=32)
     parser.add_argument("--scoring-batch-size", type=int, default=32, help="toy: examples per scoring micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--refine", type=int, nargs="+", default=[0, 14])
+    parser.add_argument("--refine", type=int, nargs="+", default=None,
+                        help="scoring_refine settings compared; the first one is reported in the last line "
+                             "(default: the library's default, then first order alone)")
     parser.add_argument("--exact-sample", type=int, default=25, help="smollm2: ranks timed exactly (2 ablations each)")
     parser.add_argument("--subset-layers", type=int, nargs="+", default=[0, 15, 29],
                         help="smollm2 agreement run: adapt all 7 types in these layers only")
     parser.add_argument("--skip-costs", action="store_true", help="smollm2: only the agreement run")
+    parser.add_argument("--skip-agreement", action="store_true", help="smollm2: only the cost measurements")
     parser.add_argument("--noise-sample", type=int, default=24,
                         help="ranks whose exact score is also taken in bf16 in the last round (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.refine is None:
+        args.refine = [default_refine(7), 0]  # the library's default for 7 module types (7 pruned per round)
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"}
     if args.model == "smollm2":
         if not args.skip_costs:
             out["costs"] = real_costs(args)
+        if args.skip_agreement:
+            (RESULTS / "scoring_smollm2_costs.json").write_text(json.dumps(out, indent=1))
+            print(json.dumps(out["costs"]))
+            return
         setup = smollm2_setup(args, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj"], layers_to_transform=args.subset_layers)
     else:
@@ -337,7 +362,7 @@ def main(argv=None):
         noise = summary["bf16_vs_fp32_score_noise"]
         print(f"exact scores, bf16 vs fp32 weights ({noise['ranks']} ranks, last round): median |diff| "
               f"{noise['median_abs']:.2e}, max {noise['max_abs']:.2e}")
-    # first the first --refine setting (default 0, the library's default), then each other one
+    # the first --refine setting (by default the library's default), then each other one
     default = summary[f"refine{args.refine[0]}"]
     line = {"speedup": default["speedup"], "pruned_set_agreement": default["pruned_set_agreement"],
             "plan_agreement": default["plan_agreement"], "regret_max": default["regret_max"],

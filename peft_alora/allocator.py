@@ -277,9 +277,10 @@ class RankAllocator:
                          f"the rank budget drops from {self.budget} to {budget}. Raise max_r or lower "
                          "ranks_per_round to keep it.")
             self.budget = budget
-        grown_slots = self.apply(plan, optimizer, round_index=round_index)
-        with eval_mode(self.model):
-            loss = scoring_loss(self.model, self.scoring)
+        grown_slots, loss = self.apply(plan, optimizer, round_index=round_index)
+        if loss is None:  # not measured by the regrowth pass
+            with eval_mode(self.model):
+                loss = scoring_loss(self.model, self.scoring)
         release_gathered(self.model)
         self.rounds_done = round_index
         record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
@@ -287,15 +288,18 @@ class RankAllocator:
         self.history.append(record)
         return record
 
-    def apply(self, plan: RoundPlan, optimizer=None, round_index: int = 0) -> list[tuple[str, int]]:
+    def apply(self, plan: RoundPlan, optimizer=None, round_index: int = 0) -> tuple[list[tuple[str, int]], Optional[float]]:
         """Switch pruned slots off; switch the lowest free slots of growing modules on, freshly
-        initialised from a generator seeded by (seed, round), so every process draws the same."""
+        initialised from a generator seeded by (seed, round), so every process draws the same.
+
+        Returns the grown slots and, when gradient regrowth ran its pass over the scoring set, the
+        scoring loss after the round (the new ranks do not change the output)."""
         pruned = set(plan.pruned)
         for module, slot in plan.pruned:
             self.layers[module].deactivate_slot(self.adapter, slot)
-        directions = {}
+        directions, loss = {}, None
         if self.config.regrow_init == "gradient" and plan.grown:
-            directions = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
+            directions, loss = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
             release_gathered(self.model)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
@@ -309,4 +313,4 @@ class RankAllocator:
                 layer.activate_slot(self.adapter, slot, generator=generator, direction=direction)
                 reset_slots(optimizer, layer, self.adapter, slot)
                 grown.append((module, slot))
-        return grown
+        return grown, loss

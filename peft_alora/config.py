@@ -91,10 +91,11 @@ class ALoRAConfig(LoraConfig):
         metadata={"help": f"Importance scorer, one of {SCORERS}: 'fast' estimates both AB-LoRA terms from gradient "
                           "passes (first order), 'exact' runs 2 scoring passes per rank (the reference)."},
     )
-    scoring_refine: int = field(
-        default=0,
-        metadata={"help": "With scorer='fast': at most this many ranks whose estimate could reach the pruning "
-                          "threshold are re-scored exactly (2 scoring passes each). 0: first order only."},
+    scoring_refine: Optional[int] = field(
+        default=None,
+        metadata={"help": "With scorer='fast': for this many of the lowest-scored ranks the 'without rank' term is "
+                          "taken exactly (about half a scoring pass each). None: twice ranks_per_round. "
+                          "0: first order only."},
     )
     regrow_init: str = field(
         default="gradient",
@@ -172,9 +173,10 @@ class ALoRAConfig(LoraConfig):
         positive_int("ranks_per_round", self.ranks_per_round, allow_none=True)
         positive_int("scoring_examples", self.scoring_examples)
         positive_int("scoring_batch_size", self.scoring_batch_size)
-        if isinstance(self.scoring_refine, bool) or not isinstance(self.scoring_refine, numbers.Integral) \
-                or self.scoring_refine < 0:
-            raise ValueError(f"ALoRAConfig.scoring_refine={self.scoring_refine!r}: must be an integer >= 0.")
+        if self.scoring_refine is not None and (isinstance(self.scoring_refine, bool) or not isinstance(
+                self.scoring_refine, numbers.Integral) or self.scoring_refine < 0):
+            raise ValueError(f"ALoRAConfig.scoring_refine={self.scoring_refine!r}: must be an integer >= 0, or None "
+                             "(twice ranks_per_round).")
         _check_step_or_fraction("allocation_start", self.allocation_start)
         _check_step_or_fraction("allocation_end", self.allocation_end, allow_none=True)
         _check_step_or_fraction("allocation_interval", self.allocation_interval, allow_none=True)

@@ -20,8 +20,10 @@ from .scoring.exact import GateEditor
 from .scoring.fast import gate_gradients
 
 
-def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet, adapter: str) -> dict:
-    """``G`` (out x in, fp32) of each layer, from the loss of the scoring set over every micro-batch.
+def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet,
+                      adapter: str) -> tuple[dict, float]:
+    """``G`` (out x in, fp32) of each layer from the loss of the scoring set over every micro-batch, and that
+    loss (mean CE).
 
     The fast scorer's gradient pass (weights frozen, gates as the leaves, no weight ``.grad`` touched)
     with the base-gradient hooks summing ``dy^T x``: no gradient hook of a training engine on the
@@ -32,7 +34,7 @@ def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: Sco
     with eval_mode(model):
         sums = BaseGradients.compute(layers, lambda: gate_gradients(model, editor, scoring, every),
                                      model_device(model), total=lambda tensor, device: tensor)
-    return sums.grads
+    return sums.grads, sums.loss / scoring.n_tokens
 
 
 def gradient_directions(
@@ -41,11 +43,13 @@ def gradient_directions(
     adapter: str,
     counts: Mapping[str, int],
     scoring: ScoringSet,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], float]:
     """For each module of ``counts``: ``counts[m]`` orthonormal rows (k x d_in, fp32, CPU) along which new
-    A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then)."""
+    A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then).
+    Also the scoring loss at the gates as they are (new ranks, B = 0, will not change it)."""
     chosen = {name: layers[name] for name, k in counts.items() if k > 0}
-    grads = _same_everywhere(_weight_gradients(model, chosen, scoring, adapter), device=model_device(model))
+    grads, loss = _weight_gradients(model, chosen, scoring, adapter)
+    grads = _same_everywhere(grads, device=model_device(model))
     directions = {}
     for name, g in grads.items():
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
@@ -57,7 +61,7 @@ def gradient_directions(
             g = g - (g @ basis) @ basis.T
         _, _, vh = torch.linalg.svd(g, full_matrices=False)
         directions[name] = vh[: counts[name]].cpu()
-    return directions
+    return directions, loss
 
 
 def _same_everywhere(grads: dict, device) -> dict:

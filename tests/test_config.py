@@ -22,7 +22,7 @@ def test_defaults():
     assert config.allocation_rounds == 8
     assert config.ranks_per_round is None
     assert (config.scoring_examples, config.scoring_batch_size) == (32, 8)
-    assert (config.scorer, config.scoring_refine) == ("fast", 0)
+    assert (config.scorer, config.scoring_refine) == ("fast", None)
     assert config.init_lora_weights is True and config.use_dora is False
     assert config.rank_pattern == {} and config.alpha_pattern == {}
 

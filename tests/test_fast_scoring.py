@@ -80,29 +80,38 @@ def test_refinement_rescores_the_ranks_near_the_threshold_exactly(torch_single_t
     model = _model([1e-3, 3e-2, 1e-1])
     scoring, _, _ = _scoring_set()
     layers, ranks = _ranks(model)
-    exact = exact_scores(model, layers, "default", scoring, ranks)
-    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
+    terms = taylor_terms(model, layers, "default", scoring, ranks)
+    first_order = terms.scores()
+    without = exact_scores(model, layers, "default", scoring, ranks, parts=("without",))
     refined = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=4)
     changed = [r for r in ranks if refined[r] != first_order[r]]
-    assert 1 <= len(changed) <= 4
-    for rank in changed:
-        assert refined[rank] == exact[rank]  # bit for bit: the same computation as the exact scorer
-    lowest_first_order = sorted(ranks, key=lambda r: first_order[r])[:1]
-    assert set(lowest_first_order) <= set(changed)
+    assert len(changed) == 4
+    for rank in changed:  # bit for bit: the exact "without" term, the first-order "only" term
+        assert refined[rank] == without[rank] - (terms.base_loss + terms.alone[rank])
+    assert set(changed) == set(sorted(ranks, key=lambda r: first_order[r])[:4])  # the 4 lowest estimates
 
 
 def test_refinement_candidates_hand_computed():
-    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0}
-    uncertainty = {("a", 0): 0.1, ("a", 1): 0.5, ("b", 0): 1.5, ("b", 1): 1.0}
-    # 1 to prune: the lowest upper bound is 0.1; lower bounds 0.5 ("a",1) and 0.5 ("b",0) are above it
-    assert refinement_candidates(estimates, uncertainty, 1, limit=10) == [("a", 0)]
-    # 2 to prune: bound 1.5; ("b",0) can reach 0.5, ("b",1) cannot (9.0)
-    assert refinement_candidates(estimates, uncertainty, 2, limit=10) == [("a", 0), ("a", 1), ("b", 0)]
-    assert refinement_candidates(estimates, uncertainty, 2, limit=2) == [("a", 0), ("a", 1)]
-    # a wide interval does not push a near-tie out of the limit: lowest estimates first
-    wide = {**uncertainty, ("b", 0): 5.0}
-    assert refinement_candidates(estimates, wide, 2, limit=2) == [("a", 0), ("a", 1)]
-    assert refinement_candidates(estimates, uncertainty, 2, limit=0) == []
+    estimates = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0, ("c", 0): 1.0}
+    # the lowest estimates first (ties broken by the rank's name): what first order prunes, then the next ones
+    assert refinement_candidates(estimates, limit=2) == [("a", 0), ("a", 1)]
+    assert refinement_candidates(estimates, limit=4) == [("a", 0), ("a", 1), ("c", 0), ("b", 0)]
+    assert refinement_candidates(estimates, limit=9) == sorted(estimates, key=lambda r: (estimates[r], r))
+    assert refinement_candidates(estimates, limit=0) == []
+
+
+def test_default_refinement_is_twice_the_ranks_pruned(torch_single_thread):
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    config = model.peft_config["default"]
+    assert config.scoring_refine is None
+    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
+    for n_prune in (1, 3):
+        scores = fast_scores(model, layers, "default", scoring, ranks, config=config, n_prune=n_prune)
+        assert sum(scores[r] != first_order[r] for r in ranks) == 2 * n_prune
+    config.scoring_refine = 0
+    assert fast_scores(model, layers, "default", scoring, ranks, config=config, n_prune=3) == first_order
 
 
 @pytest.mark.parametrize("scorer", ["fast", "exact"])
@@ -189,3 +198,23 @@ def test_cached_base_gradients_give_the_same_terms_as_a_pass_at_all_gates_off(to
     for rank in ranks:
         assert uncached.alone[rank] == pytest.approx(cached.alone[rank], rel=1e-4, abs=1e-9), rank
     assert base_gradient.gradient_bytes(layers) > 0
+
+
+def test_nothing_about_the_base_model_is_kept_when_more_than_lora_trains(torch_single_thread):
+    """A trained embedding (or bias, modules_to_save) changes the base model between rounds: no cache then."""
+    model = _model([1e-2, 3e-2])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    fast_scores(model, layers, "default", scoring, ranks, n_prune=2)
+    exact_scores(model, layers, "default", scoring, ranks[:2])
+    assert {key[0] for key in scoring.cache} == {"base_gradients", "base_prefix"}
+    model.base_model.model.model.embed_tokens.weight.requires_grad_(True)
+    fresh, _, _ = _scoring_set()
+    first = fast_scores(model, layers, "default", fresh, ranks, n_prune=2)
+    exact_scores(model, layers, "default", fresh, ranks[:2])
+    assert fresh.cache == {}
+    with torch.no_grad():  # as a training step would
+        model.base_model.model.model.embed_tokens.weight.mul_(1.1)
+    again = fast_scores(model, layers, "default", fresh, ranks, n_prune=2)
+    brand_new, _, _ = _scoring_set()
+    assert again == fast_scores(model, layers, "default", brand_new, ranks, n_prune=2) != first

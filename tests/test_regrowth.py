@@ -9,7 +9,7 @@ from peft import get_peft_model
 import peft_alora
 from peft_alora.allocator import RankAllocator
 from peft_alora.regrowth import gradient_directions
-from peft_alora.scoring import ScoringSet
+from peft_alora.scoring import ScoringSet, scoring_loss
 from conftest import make_tiny_llama, random_batch
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -46,7 +46,9 @@ def test_directions_are_leading_singular_vectors_of_the_gradient_outside_the_act
     model, scoring = _model_and_scoring()
     layers = dict(model.base_model.gated_layers())
     name = "model.layers.0.self_attn.q_proj"
-    got = gradient_directions(model, layers, "default", {name: 2}, scoring)[name]
+    got, loss = gradient_directions(model, layers, "default", {name: 2}, scoring)
+    got = got[name]
+    assert loss == pytest.approx(scoring_loss(model, scoring), rel=1e-6)  # the pass also measures the loss
     assert got.shape == (2, layers[name].in_features)
     assert all(p.grad is None for p in model.parameters())  # nothing leaked into .grad
 

@@ -78,3 +78,48 @@ def test_scoring_set_errors():
         ScoringSet([{"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}])
     with pytest.raises(ValueError, match="no 'labels'"):
         ScoringSet([{"input_ids": ids}])
+
+
+def test_passes_from_a_recorded_prefix_equal_full_passes_bit_for_bit():
+    """Skipping the blocks before the edited rank's block changes nothing, in any block and for both terms."""
+    from peft_alora.scoring import prefix
+    from peft_alora.scoring.exact import GateEditor
+
+    model = _model()
+    scoring, _, _ = _scoring_set()
+    layers = dict(model.base_model.gated_layers())
+    blocks, block_of = prefix.decoder_blocks(model, layers)
+    assert blocks is model.base_model.model.model.layers
+    assert sorted(set(block_of.values())) == list(range(len(blocks))) and set(block_of) == set(layers)
+    ranks = [(name, 1) for name in sorted(layers)]
+    full = {}
+    editor = GateEditor(layers, "default")
+    for rank in ranks:  # reference: full passes
+        editor.restore()
+        editor.gate(rank[0])[rank[1]] = 0.0
+        without = scoring_loss(model, scoring)
+        editor.only(rank)
+        full[rank] = without - scoring_loss(model, scoring)
+    editor.restore()
+    assert exact_scores(model, layers, "default", scoring, ranks) == full
+    # with room for no block output, every pass is a full one and the result is the same
+    current = prefix.PrefixCache.record(model, blocks, scoring, limit_bytes=1)
+    assert current.kept == {} and current.loss(model, scoring, len(blocks) - 1) == scoring_loss(model, scoring)
+
+
+def test_prefix_passes_do_not_compute_the_skipped_blocks():
+    from peft_alora.scoring import prefix
+
+    model = _model()
+    scoring, _, _ = _scoring_set()
+    layers = dict(model.base_model.gated_layers())
+    blocks, block_of = prefix.decoder_blocks(model, layers)
+    current = prefix.PrefixCache.record(model, blocks, scoring)
+    computed = []  # blocks whose attention ran
+    handles = [b.self_attn.register_forward_hook(lambda m, a, o, i=i: computed.append(i)) for i, b in enumerate(blocks)]
+    last = len(blocks) - 1
+    current.loss(model, scoring, last)
+    for handle in handles:
+        handle.remove()
+    assert computed == [last] * len(scoring.batches)
+    assert all("forward" not in block.__dict__ for block in blocks)  # the originals are back

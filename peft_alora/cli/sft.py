@@ -84,20 +84,30 @@ def measure(trainer, eval_set, eval_args, when: str) -> dict:
     return result
 
 
-def main(script_args, training_args, model_args, dataset_args, alora_args, eval_args):
-    started = time.perf_counter()
-    if training_args.load_best_model_at_end:
-        raise ValueError(LOAD_BEST_REFUSED)
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # ours, not TRL's card
+def build_trainer(script_args, training_args, model_args, dataset_args, alora_args, peft_config=None):
+    """``(trainer, train_set, eval_set, base_model)`` of a recipe, without the ALoRA callback.
+
+    ``peft_config`` replaces the recipe's ALoRA adapter (``benchmarks/overhead.py`` runs the same
+    recipe with plain LoRA to measure what ALoRA costs).
+    """
     model_path, base_model = resolve_model(model_args)
     model_init_kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
                              dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code)
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
     train_set, eval_set = load_splits(script_args, dataset_args)
-
     trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                          quantization_config=get_quantization_config(model_args),
-                         peft_config=alora_args.to_config(model_args))
+                         peft_config=peft_config or alora_args.to_config(model_args))
+    return trainer, train_set, eval_set, base_model
+
+
+def main(script_args, training_args, model_args, dataset_args, alora_args, eval_args):
+    started = time.perf_counter()
+    if training_args.load_best_model_at_end:
+        raise ValueError(LOAD_BEST_REFUSED)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # ours, not TRL's card
+    trainer, train_set, eval_set, base_model = build_trainer(script_args, training_args, model_args, dataset_args,
+                                                             alora_args)
     callback = ALoRACallback(trainer)
     trainer.add_callback(callback)
     tuner = trainer.model.base_model

@@ -45,6 +45,16 @@ class ScoringSet:
         return sum(trained_token_count(b["labels"]) for b in self.batches)
 
 
+def base_is_frozen(model: torch.nn.Module) -> bool:
+    """Only LoRA factors train (no bias, embedding or modules_to_save): the base model then computes the
+    same on the scoring set all run, so what scorers derive from it may be kept in ``ScoringSet.cache``."""
+    return all("lora_A" in name or "lora_B" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
+def base_cache_key(model: torch.nn.Module, what: str, adapter: str, layers) -> tuple:
+    return (what, id(model), adapter, tuple(layers))
+
+
 def trained_token_count(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
 
