@@ -2,15 +2,16 @@
 
 Two ways to use several processes (docs/design.md, "Several processes"):
 
-* replicated parameters (one process, DDP): the scoring work is split over the processes and the
-  partial sums are all-reduced;
-* sharded parameters (FSDP2's ``DTensor`` parameters, FSDP1, DeepSpeed ZeRO-3): every forward is a
+* replicated parameters (DDP, DeepSpeed ZeRO-2): the scoring work is split over the processes and
+  the partial sums are all-reduced;
+* sharded parameters (FSDP2's ``DTensor`` parameters, DeepSpeed ZeRO-3): every forward is a
   collective, so all processes must run the same passes in the same order. Each process then does
   all the scoring work on the same data and process 0's results are broadcast, so that decisions
   are bit-identical everywhere.
 
-Slot edits on a sharded parameter write only the local shard (``assign``); the full value of a
-sharded tensor is gathered with ``full``.
+Slot edits on a sharded parameter write only the local shard (``assign``), under DeepSpeed also its
+fp32 master copy and moments; the full value of a sharded tensor is gathered with ``full``.
+``check_engine`` refuses the set-ups this does not cover (FSDP1, offload).
 """
 
 from __future__ import annotations

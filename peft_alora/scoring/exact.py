@@ -108,7 +108,8 @@ def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=No
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
-    every process ends with bit-identical scores, hence identical decisions.
+    every process ends with bit-identical scores, hence identical decisions. With sharded weights
+    every process scores every rank and process 0's scores are broadcast (``distributed.share_work``).
     """
     if world()[0] == 1:
         return exact_scores(model, layers, adapter, scoring, ranks, progress, parts, current)

@@ -12,7 +12,8 @@ is the frozen base model's: it runs once per run and is kept as weight gradients
 taken exactly.
 
 Everything runs in fp32 with the training loop's autocast off; gate gradients are accumulated in
-fp32. Under several processes the micro-batches are split and the sums all-reduced.
+fp32. Under several processes with replicated weights the micro-batches are split and the sums
+all-reduced; with sharded weights every process runs them all (``distributed.share_work``).
 """
 
 from __future__ import annotations
