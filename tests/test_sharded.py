@@ -44,20 +44,35 @@ def references(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
-def runs(request, tmp_path_factory, references):
-    engine, variant = request.param
-    engine, _, base = engine.partition("+")
-    qlora = ["--qlora"] if base == "qlora" else []
-    save = ["--save-at", str(SAVE_AT)] if request.param == ("fsdp2", "exact") else []
-    if engine.startswith("zero") and NO_DEEPSPEED:
-        pytest.skip("deepspeed not installed")
-    out = tmp_path_factory.mktemp(f"{engine}-{variant}")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out,
-               "--engine", engine, *VARIANTS[variant], *qlora, *save], out)
-    one_dir, one = references(variant, tuple(qlora))
-    return request.param, (out, two), (one_dir, one)
+def torchrun(out, *args):
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out, *args], out)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, references):
+    """2-process runs by case (and their 1-process reference), computed on first use."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            engine, variant = case
+            engine, _, base = engine.partition("+")
+            qlora = ["--qlora"] if base == "qlora" else []
+            save = ["--save-at", str(SAVE_AT)] if case == ("fsdp2", "exact") else []
+            if engine.startswith("zero") and NO_DEEPSPEED:
+                pytest.skip("deepspeed not installed")
+            out = tmp_path_factory.mktemp(f"{engine}-{variant}")
+            two = torchrun(out, "--engine", engine, *VARIANTS[variant], *qlora, *save)
+            one_dir, one = references(variant, tuple(qlora))
+            cache[case] = case, (out, two), (one_dir, one)
+        return cache[case]
+    return get
+
+
+@pytest.fixture(params=CASES, ids=["-".join(c) for c in CASES])
+def runs(request, sharded_runs):
+    return sharded_runs(request.param)
 
 
 def test_weights_are_partitioned_and_gates_replicated(runs):
@@ -115,15 +130,11 @@ def test_full_adapter_is_saved(runs, folder):
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_checkpoint_resumes_under_fsdp2_to_the_same_end(runs):
+def test_checkpoint_resumes_under_fsdp2_to_the_same_end(sharded_runs):
     """Save (whole adapter with gates, Adam state via torch.distributed.checkpoint's full state dicts, allocator
     JSON) after step 4 under FSDP2, resume in 2 new processes: the same rounds and bit-identical weights."""
-    case, (out, two), _ = runs
-    if case != ("fsdp2", "exact"):
-        pytest.skip("resume is run once, for the fsdp2-exact case")
-    resumed = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SCRIPT, out / "resumed",
-                   "--engine", "fsdp2", *VARIANTS["exact"], "--resume-from", out / "checkpoint"], out / "resumed")
+    _, (out, two), _ = sharded_runs(("fsdp2", "exact"))
+    resumed = torchrun(out / "resumed", "--engine", "fsdp2", *VARIANTS["exact"], "--resume-from", out / "checkpoint")
     for rank, (result, weights) in resumed.items():
         assert result["param_type"] == "DTensor"
         assert result["history"] == two[rank][0]["history"] and result["scores"] == two[rank][0]["scores"]
