@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
+from .distributed import check_engine, release_gathered
 from .model import ALoRAModel
 from .optim_state import reset_slots
 from .regrowth import gradient_directions
@@ -231,8 +232,10 @@ class RankAllocator:
             return None
         return self.run_round(global_step, optimizer)
 
-    def check_ready(self) -> None:
-        """Refuse to score when the scores would be meaningless: adapter not the one active, merged, disabled."""
+    def check_ready(self, optimizer=None) -> None:
+        """Refuse to score when the scores would be meaningless: adapter not the one active, merged, disabled,
+        or a multi-process engine whose rounds are not supported."""
+        check_engine(self.model, optimizer)
         active = list(self.tuner.active_adapters)
         if active != [self.adapter]:
             raise ValueError(
@@ -254,9 +257,10 @@ class RankAllocator:
                       n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
-        self.check_ready()
+        self.check_ready(optimizer)
         started = time.perf_counter()
         scores = self.score()
+        release_gathered(self.model)
         seconds = time.perf_counter() - started
         active = self.active_slots()
         capacity = {name: layer.capacity(self.adapter) for name, layer in self.layers.items()}
@@ -277,6 +281,7 @@ class RankAllocator:
         if loss is None:  # not measured by the regrowth pass
             with eval_mode(self.model):
                 loss = scoring_loss(self.model, self.scoring)
+        release_gathered(self.model)
         self.rounds_done = round_index
         record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
         record["scores"] = {f"{m}:{s}": v for (m, s), v in sorted(scores.items())}
@@ -295,6 +300,7 @@ class RankAllocator:
         directions, loss = {}, None
         if self.config.regrow_init == "gradient" and plan.grown:
             directions, loss = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
+            release_gathered(self.model)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
         for module in sorted(plan.grown):

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator, loud_warning
 from .config import ALoRAConfig
+from .distributed import check_engine, fsdp_ignored_warning
 from .report import write_report
 from .scoring import IGNORE_INDEX, NO_SCORING_DATA, ScoringSet
 
@@ -125,9 +126,13 @@ class ALoRACallback(TrainerCallback):
         self.allocator: Optional[RankAllocator] = None
         self.report_paths: dict = {}
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         model = model if model is not None else self.trainer.model
         tuner_config = _alora_config(model, self.adapter_name)
+        check_engine(model, optimizer)
+        ignored = fsdp_ignored_warning(args, model)
+        if ignored:
+            loud_warning("ALoRA: " + ignored)
         scoring = build_scoring_set(self.trainer, self.scoring_dataset, tuner_config.scoring_examples,
                                     tuner_config.scoring_batch_size, args.seed)
         show = state.is_local_process_zero and not args.disable_tqdm

@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .distributed import adapter_state_dict, is_sharded, world
 from .layers import GatedLoraMixin
 
 GATE_SUFFIX = ".lora_gate"
@@ -36,7 +37,9 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
     carry the ``base_model.model.`` prefix that ``PeftModel.from_pretrained`` expects, also when ``model``
     is a transformers model with the adapter loaded (its own keys lack the prefix).
     """
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # sharded parameters (FSDP2, ZeRO-3) are gathered: every process must make this call
+    gathered = adapter_state_dict(model) if is_sharded(model) else None
+    state = get_peft_model_state_dict(model, state_dict=gathered, adapter_name=adapter_name)
     is_peft_model = isinstance(model, PeftModel)
     if not is_peft_model:  # transformers' load_adapter / add_adapter: keys lack the prefix
         state = {PEFT_MODEL_PREFIX + k: v for k, v in state.items()}
@@ -72,7 +75,8 @@ def export_lora(model, path: str | os.PathLike, adapter_name: str = "default") -
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` of a stock LoRA adapter to ``path``.
 
     ``model`` is a ``PeftModel`` (or a transformers model with the adapter loaded) holding an
-    ALoRA adapter. Returns the folder.
+    ALoRA adapter. Returns the folder. Under several processes every process calls it (sharded
+    weights are gathered) and process 0 writes.
     """
     config = model.peft_config[adapter_name]
     state, ranks = compact_lora_state_dict(model, adapter_name)
@@ -88,6 +92,8 @@ def export_lora(model, path: str | os.PathLike, adapter_name: str = "default") -
                     target_modules=sorted(kept), use_rslora=False, init_lora_weights=True, inference_mode=True)
     lora_config = LoraConfig(**settings)
     out_dir = Path(path)
+    if world()[1] != 0:
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     lora_config.save_pretrained(str(out_dir))
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -21,6 +21,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 
 from .config import ALoRAConfig
+from .distributed import assign
 
 
 class GatedVariant(LoraVariant):
@@ -205,8 +206,8 @@ class GatedLoraMixin:
                           generator=generator)[0]
         if direction is not None:
             row = direction.to(row) * row.norm()
-        weight_A[slot] = row.to(device=weight_A.device, dtype=weight_A.dtype)
-        weight_B[:, slot] = 0.0
+        assign(weight_A, slot, row.to(device=weight_A.device, dtype=weight_A.dtype))
+        assign(weight_B, (slice(None), slot), 0.0)
         gate[slot] = 1.0
 
 

@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from .distributed import assign, reset_deepspeed_moments
+
 # bitsandbytes names the quantisation map of each 8-bit state tensor
 _QMAP_OF = {"state1": "qmap1", "state2": "qmap2"}
 
@@ -39,9 +41,9 @@ def reset_slot_state(optimizer, param: torch.nn.Parameter, index) -> int:
                           "optimizer for exact fresh-slot moments.")
             continue
         if value.dtype.is_floating_point:
-            value[index] = 0
+            assign(value, index, 0)
         elif key in _QMAP_OF and _QMAP_OF[key] in state:
-            value[index] = _zero_code(state[_QMAP_OF[key]])
+            assign(value, index, _zero_code(state[_QMAP_OF[key]]))
         else:
             warnings.warn(f"ALoRA: optimizer state {key!r} ({value.dtype}) of a re-activated slot was not reset.")
             continue
@@ -56,6 +58,7 @@ def reset_slots(optimizer, layer, adapter: str, slot: int) -> int:
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     weight_a = layer.lora_A[adapter].weight
     weight_b = layer.lora_B[adapter].weight
-    return reset_slot_state(optimizer, weight_a, (slot, slice(None))) + reset_slot_state(
-        optimizer, weight_b, (slice(None), slot)
-    )
+    slices = ((weight_a, (slot, slice(None))), (weight_b, (slice(None), slot)))
+    # DeepSpeed ZeRO keeps the moments in flat partitions, not under the parameters
+    return sum(reset_deepspeed_moments(param, index) or reset_slot_state(optimizer, param, index)
+               for param, index in slices)

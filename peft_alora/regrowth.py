@@ -13,43 +13,28 @@ from typing import Mapping
 
 import torch
 
-from .distributed import sum_across_processes, world
-from .scoring.common import ScoringSet, batch_loss_sum, eval_mode, model_device
+from .distributed import full, sum_across_processes, world
+from .scoring.base_gradient import BaseGradients
+from .scoring.common import ScoringSet, eval_mode, model_device
+from .scoring.exact import GateEditor
+from .scoring.fast import gate_gradients
 
 
-def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet) -> tuple[dict, float]:
-    """``G`` (out x in, fp32) of each layer from the loss of the scoring set (no ``.grad`` is touched),
-    and that loss (mean CE)."""
-    inputs, outputs, handles = {}, {}, []
+def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet,
+                      adapter: str) -> tuple[dict, float]:
+    """``G`` (out x in, fp32) of each layer from the loss of the scoring set over every micro-batch, and that
+    loss (mean CE).
 
-    def keep(name):
-        def hook(module, args, output):
-            inputs[name], outputs[name] = args[0].detach(), output
-        return hook
-
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_hook(keep(name)))
-    grads = {name: None for name in layers}
-    device = model_device(model)
-    total = 0.0
-    try:
-        with eval_mode(model), torch.enable_grad():
-            for batch in scoring.batches:
-                loss = batch_loss_sum(model, batch, device)
-                total += loss.item()
-                names = [n for n in layers if n in outputs and outputs[n].requires_grad]
-                dys = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-                for name, dy in zip(names, dys):
-                    if dy is None:
-                        continue
-                    g = dy.float().flatten(0, -2).T @ inputs[name].float().flatten(0, -2)
-                    grads[name] = g if grads[name] is None else grads[name] + g
-                inputs.clear()
-                outputs.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grads, total / scoring.n_tokens
+    The fast scorer's gradient pass (weights frozen, gates as the leaves, no weight ``.grad`` touched)
+    with the base-gradient hooks summing ``dy^T x``: no gradient hook of a training engine on the
+    weights runs.
+    """
+    editor = GateEditor(layers, adapter)
+    every = range(len(scoring.batches))
+    with eval_mode(model):
+        sums = BaseGradients.compute(layers, lambda: gate_gradients(model, editor, scoring, every),
+                                     model_device(model), total=lambda tensor, device: tensor)
+    return sums.grads, sums.loss / scoring.n_tokens
 
 
 def gradient_directions(
@@ -63,14 +48,14 @@ def gradient_directions(
     A rows gain the most gradient. A module whose gradient is zero gets no entry (random rows then).
     Also the scoring loss at the gates as they are (new ranks, B = 0, will not change it)."""
     chosen = {name: layers[name] for name, k in counts.items() if k > 0}
-    grads, loss = _weight_gradients(model, chosen, scoring)
+    grads, loss = _weight_gradients(model, chosen, scoring, adapter)
     grads = _same_everywhere(grads, device=model_device(model))
     directions = {}
     for name, g in grads.items():
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
             continue
         layer = chosen[name]
-        rows = layer.lora_A[adapter].weight.detach().float().to(g.device)[layer.active_slots(adapter)]
+        rows = full(layer.lora_A[adapter].weight).detach().float().to(g.device)[layer.active_slots(adapter)]
         if rows.numel():
             basis, _ = torch.linalg.qr(rows.T)  # d_in x r_active, orthonormal
             g = g - (g @ basis) @ basis.T

@@ -1,7 +1,10 @@
 """GPU checks, skipped without CUDA (CI has none): 4-bit merge numerics where bitsandbytes' CUDA
-kernels run, and a bf16 QLoRA SFT run with allocation rounds."""
+kernels run, a bf16 QLoRA SFT run with allocation rounds, the refusal of FSDP2 parameter offload, and
+(2 GPUs) the Trainer under FSDP2, ZeRO-3 and FSDP-QLoRA."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +65,55 @@ def test_qlora_sft_bf16_rounds_on_cuda(tmp_path):
     assert trainer.model.base_model.count_active_ranks() <= callback.allocator.budget
     report = json.loads((tmp_path / "out" / "alora_allocation.json").read_text())
     assert [r["round"] for r in report["history"]] == [0, 1, 2, 3]
+
+
+# ---- several GPUs: the engines accelerate applies only on GPUs (FSDP2, DeepSpeed ZeRO-3) under the Trainer ----
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+SFT_SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_toy_sft.py"
+
+
+def _torchrun(out, *args):
+    from test_distributed import free_port, run
+
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), SFT_SCRIPT, out, *args], out)
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_trainer_engine_shards_and_decides_like_one_process(engine, tmp_path):
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    from test_distributed import run
+
+    two = _torchrun(tmp_path / "two", "--per-device-batch", "4", "--scorer", "fast", "--engine", engine)
+    one = run([sys.executable, SFT_SCRIPT, tmp_path / "one", "--per-device-batch", "8", "--scorer", "fast"],
+              tmp_path / "one")
+    (r1, w1) = one[0]
+    for rank, (r2, w2) in two.items():
+        assert r2["lora_param_type"] == {"fsdp2": "DTensor", "zero3": "Parameter (ZeRO-3)"}[engine]
+        assert r2["global_step"] == 16 and r2["history"] == r1["history"], rank
+        for scores_1, scores_2 in zip(r1["scores"][1:], r2["scores"][1:]):
+            assert max(abs(scores_1[k] - scores_2[k]) for k in scores_1) < 1e-4  # GPU against CPU fp32
+        for name in w1:
+            torch.testing.assert_close(w2[name], w1[name], atol=1e-3, rtol=0, msg=name)
+    assert two[0][0]["scores"] == two[1][0]["scores"]
+
+
+@TWO_GPUS
+def test_trainer_fsdp_qlora_bf16_shards_4bit_weights_and_agrees_across_processes(tmp_path):
+    two = _torchrun(tmp_path / "two", "--per-device-batch", "4", "--scorer", "fast", "--engine", "fsdp2",
+                    "--qlora", "--bf16")
+    (r0, w0), (r1, w1) = two[0], two[1]
+    assert r0["lora_param_type"] == "DTensor" and r0["base_weight_type"] == "DTensor"  # the 4-bit weights too
+    assert len(r0["history"]) == 4 and r0["history"] == r1["history"] and r0["scores"] == r1["scores"]
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+
+
+def test_fsdp2_parameter_offload_is_refused_naming_the_option():
+    from test_engines import refusal
+
+    result = refusal("fsdp2-offload")
+    assert result["trained"] and "offload_params: false" in result["error"]

@@ -59,3 +59,18 @@ def test_readme_gives_every_command():
         assert f"--config recipes/{recipe.parent.name}/{recipe.name}" in readme, recipe
     for path in ACCELERATE_CONFIGS:
         assert f"recipes/accelerate_configs/{path.name}" in readme, path
+
+
+def test_sharded_set_ups_are_ones_alora_supports(monkeypatch):
+    """FSDP2 without offload, ZeRO without offload (ALoRA refuses the rest), and FSDP-QLoRA's storage dtype equal to
+    the model's dtype and to the mixed precision, so that FSDP shards the 4-bit weights with the others."""
+    configs = {p.stem: load_config_from_file(str(p)) for p in ACCELERATE_CONFIGS}
+    fsdp = configs["fsdp"]
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_offload_params"] is False
+    for stage in ("zero2", "zero3"):
+        settings = configs[stage].deepspeed_config
+        assert settings["offload_optimizer_device"] == settings["offload_param_device"] == "none", stage
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    _, training, model, _, _, _ = parse_args(["--config", str(RECIPES / "Llama-3.1-8B-Instruct/qlora_alora_fsdp.yaml")])
+    assert model.load_in_4bit and model.bnb_4bit_quant_storage == model.dtype == "bfloat16"
+    assert fsdp.mixed_precision == "bf16" and training.bf16

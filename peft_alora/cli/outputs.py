@@ -73,13 +73,13 @@ def save_outputs(trainer, callback, base_model: str, before: dict, after: dict, 
     out = Path(trainer.args.output_dir)
     native = out / NATIVE_SUBFOLDER
     trainer.save_model(str(native))  # every process: gathers sharded weights where needed
+    model = trainer.model
+    adapter = model.active_adapter
+    export_lora(model, out, adapter_name=adapter)  # every process too (FSDP2 / ZeRO-3 gather); process 0 writes
     if not trainer.accelerator.is_main_process:
         return {}
     for leftover in ("training_args.bin", "README.md"):  # a pickle, and PEFT's empty card template
         (native / leftover).unlink(missing_ok=True)
-    model = trainer.model
-    adapter = model.active_adapter
-    export_lora(model, out, adapter_name=adapter)
     trainer.processing_class.save_pretrained(str(out))
     for folder in (out, out / NATIVE_SUBFOLDER):
         _name_base_model(folder, base_model)

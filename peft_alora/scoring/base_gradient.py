@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..distributed import sum_across_processes
+from ..distributed import full, sum_across_processes
 from .common import ScoringSet
 
 CACHE_LIMIT_BYTES = 1 << 30  # SmolLM2-135M all-linear: 0.42 GB; a 7B model would need ~26 GB
@@ -31,9 +31,9 @@ class BaseGradients:
 
     @classmethod
     def compute(cls, layers: Mapping[str, torch.nn.Module], gradient_pass: Callable[[], torch.Tensor],
-                device: torch.device) -> "BaseGradients":
+                device: torch.device, total=sum_across_processes) -> "BaseGradients":
         """Run ``gradient_pass`` (a backward over the scoring set with every gate off) while hooks sum
-        ``dy^T x`` at every layer; all processes end with the same sums."""
+        ``dy^T x`` at every layer; ``total`` makes the processes' partial sums one (all end with the same)."""
         grads = {name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=device)
                  for name, layer in layers.items()}
 
@@ -55,16 +55,16 @@ class BaseGradients:
         finally:
             for handle in handles:
                 handle.remove()
-        loss = float(sum_across_processes(sums[:1], device)[0])
+        loss = float(total(sums[:1], device)[0])
         for name in grads:
-            grads[name] = sum_across_processes(grads[name], device)
+            grads[name] = total(grads[name], device)
         return cls(loss, grads)
 
     def alone(self, layer: torch.nn.Module, name: str, adapter: str) -> torch.Tensor:
         """``d(summed CE)/d g`` at all gates off, for every slot of ``layer`` (float64)."""
         grad = self.grads[name]
-        weight_a = layer.lora_A[adapter].weight.detach().to(grad.device, torch.float32)
-        weight_b = layer.lora_B[adapter].weight.detach().to(grad.device, torch.float32)
+        weight_a = full(layer.lora_A[adapter].weight).detach().to(grad.device, torch.float32)
+        weight_b = full(layer.lora_B[adapter].weight).detach().to(grad.device, torch.float32)
         with torch.autocast(grad.device.type, enabled=False):  # fp32 whatever the caller's autocast
             per_slot = ((weight_b.t() @ grad) * weight_a).sum(dim=1)
         return (per_slot * layer.scaling[adapter]).double().cpu()

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from ..allocation import Rank
-from ..distributed import sum_across_processes, world
+from ..distributed import share_work, world
 from .common import ScoringSet, base_cache_key, base_is_frozen, eval_mode, model_device, scoring_loss
 from .prefix import PrefixCache, decoder_blocks
 
@@ -108,16 +108,16 @@ def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=No
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
-    every process ends with bit-identical scores, hence identical decisions.
+    every process ends with bit-identical scores, hence identical decisions. With sharded weights
+    every process scores every rank and process 0's scores are broadcast (``distributed.share_work``).
     """
-    processes, me = world()
-    if processes == 1:
+    if world()[0] == 1:
         return exact_scores(model, layers, adapter, scoring, ranks, progress, parts, current)
-    mine = list(ranks)[me::processes]
-    local = exact_scores(model, layers, adapter, scoring, mine, progress, parts, current)
+    work = share_work(model, ranks)
+    local = exact_scores(model, layers, adapter, scoring, work.mine, progress, parts, current)
     vector = torch.zeros(len(ranks), dtype=torch.float64)
     index = {rank: i for i, rank in enumerate(ranks)}
     for rank, value in local.items():
         vector[index[rank]] = value
-    vector = sum_across_processes(vector, model_device(model))
+    vector = work.total(vector, model_device(model))
     return {rank: float(vector[i]) for i, rank in enumerate(ranks)}

@@ -12,7 +12,8 @@ is the frozen base model's: it runs once per run and is kept as weight gradients
 taken exactly.
 
 Everything runs in fp32 with the training loop's autocast off; gate gradients are accumulated in
-fp32. Under several processes the micro-batches are split and the sums all-reduced.
+fp32. Under several processes with replicated weights the micro-batches are split and the sums
+all-reduced; with sharded weights every process runs them all (``distributed.share_work``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from ..allocation import Rank
-from ..distributed import sum_across_processes, world
+from ..distributed import share_work, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, model_device
 from .exact import GateEditor, distributed_exact_scores
@@ -92,15 +93,15 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
     which exact passes of the same round can start from; on one process only, where that pass
     sees every scoring batch.
     """
-    processes, me = world()
-    mine = list(range(len(scoring.batches)))[me::processes]
+    work = share_work(model, range(len(scoring.batches)))
+    mine = work.mine
     device = model_device(model)
     editor = GateEditor(layers, adapter)
     cache_key = base_cache_key(model, "base_gradients", adapter, layers)
     base = scoring.cache.get(cache_key)
     keep = base_is_frozen(model) and gradient_bytes(layers) <= CACHE_LIMIT_BYTES
     try:
-        blocks = decoder_blocks(model, layers)[0] if record_prefix and processes == 1 else None
+        blocks = decoder_blocks(model, layers)[0] if record_prefix and world()[0] == 1 else None
         with eval_mode(model):
             with recording(blocks, scoring) if blocks is not None else contextlib.nullcontext() as recorder:
                 on = gate_gradients(model, editor, scoring, mine, progress)  # current gates
@@ -108,13 +109,13 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
                 editor.only(None)  # the base model
             base_pass = lambda: gate_gradients(model, editor, scoring, mine, progress)  # noqa: E731
             if base is None and keep:
-                base = scoring.cache[cache_key] = BaseGradients.compute(layers, base_pass, device)
+                base = scoring.cache[cache_key] = BaseGradients.compute(layers, base_pass, device, work.total)
             off = base_pass() if base is None else None
     finally:
         editor.restore()
-    on = sum_across_processes(on, device) / scoring.n_tokens
+    on = work.total(on, device) / scoring.n_tokens
     if off is not None:
-        off = sum_across_processes(off, device) / scoring.n_tokens
+        off = work.total(off, device) / scoring.n_tokens
     else:  # the same derivatives from the cached base gradients
         off = torch.cat([torch.tensor([base.loss], dtype=torch.float64)]
                         + [base.alone(editor.layers[name], name, adapter) for name in editor.layers]) / scoring.n_tokens

@@ -5,6 +5,7 @@ Used by tests/test_distributed.py (run under torchrun and plainly) and by tests/
 
     python tests/scripts/train_toy_sft.py OUT_DIR [--per-device-batch 8] [--grad-accum 1] [--max-steps 16]
         [--save-steps N] [--resume-from CKPT] [--logging-steps 4] [--bf16] [--scorer exact|fast]
+        [--engine ddp|fsdp2|zero3] [--qlora]
     torchrun --nproc_per_node 2 tests/scripts/train_toy_sft.py OUT_DIR --per-device-batch 4
 
 Every process writes ``OUT_DIR/result_rank{RANK}.json`` (world size, backend, rank_state, the
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 import peft_alora  # noqa: E402
 from peft_alora.callback import ALoRACallback  # noqa: E402
+from peft_alora.distributed import full  # noqa: E402
 from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer  # noqa: E402
 
 SEED = 3
@@ -46,18 +48,46 @@ def alora_config(**overrides) -> "peft_alora.ALoRAConfig":
     return peft_alora.ALoRAConfig(**kwargs)
 
 
+# TrainingArguments of each engine besides DDP (GPUs only: accelerate applies FSDP and DeepSpeed there)
+ENGINES = {
+    "ddp": {},
+    "fsdp2": dict(use_cpu=False, fsdp="full_shard",
+                  fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}),
+    "zero3": dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_batch_size": "auto",
+                                            "train_micro_batch_size_per_gpu": "auto",
+                                            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}),
+}
+
+
+def quantized_toy_llama(vocab_size: int, folder: str, dtype):
+    """The toy Llama saved and loaded back in 4 bits (NF4), stored in ``dtype`` as FSDP-QLoRA needs."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    toy_llama(vocab_size, seed=0).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                               bnb_4bit_quant_storage=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype)
+
+
 def build_trainer(output_dir: str, per_device_batch: int = 8, grad_accum: int = 1, max_steps: int = 16,
-                  save_steps: int | None = None, tokenizer=None, alora: dict | None = None, **sft_overrides):
+                  save_steps: int | None = None, tokenizer=None, alora: dict | None = None, qlora: bool = False,
+                  **sft_overrides):
     """A deterministic toy SFT run (fixed seeds, no dropout) with the ALoRA callback added.
 
     fp32 unless ``bf16=True`` is passed: TRL's ``SFTConfig`` defaults to bf16 autocast, whose
     rounding depends on the micro-batch shapes (batch 8 vs 2 x 4 then train measurably apart).
-    ``alora`` overrides fields of the ALoRAConfig. Returns ``(trainer, callback)``.
+    ``alora`` overrides fields of the ALoRAConfig; ``qlora`` loads the base in 4 bits (stored in the
+    training dtype). Returns ``(trainer, callback)``.
     """
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = tokenizer if tokenizer is not None else toy_tokenizer()
-    model = toy_llama(len(tokenizer), seed=0)
+    if qlora:
+        dtype = torch.bfloat16 if sft_overrides.get("bf16") else torch.float32
+        model = quantized_toy_llama(len(tokenizer), os.path.join(output_dir, f"base{os.environ.get('RANK', '0')}"),
+                                    dtype)
+    else:
+        model = toy_llama(len(tokenizer), seed=0)
     train = toy_dataset(160, seed=0)
     dev = toy_dataset(32, seed=99)
     sft = dict(
@@ -76,17 +106,21 @@ def build_trainer(output_dir: str, per_device_batch: int = 8, grad_accum: int = 
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
-    """The adapter's trainable LoRA weights and gates (CPU copies)."""
+    """The adapter's trainable LoRA weights and gates (CPU copies, gathered under FSDP2 / ZeRO-3)."""
     tensors = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if "lora_" in name:
-            tensors[name] = tensor.detach().float().cpu().clone().contiguous()
+            tensors[name] = full(tensor).detach().float().cpu().clone().contiguous()
     return tensors
 
 
 def decisions(history: list[dict]) -> list[dict]:
     """The decision part of an allocation history, JSON-normalised (sorted keys, lists)."""
     return json.loads(json.dumps([{k: record[k] for k in DECISION_KEYS} for record in history], sort_keys=True))
+
+
+def _kind(param) -> str:
+    return type(param).__name__ + (" (ZeRO-3)" if hasattr(param, "ds_id") else "")
 
 
 def collect(trainer, callback) -> dict:
@@ -98,6 +132,8 @@ def collect(trainer, callback) -> dict:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "ddp_wrapped": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        "lora_param_type": _kind(next(p for n, p in model.named_parameters() if "lora_A" in n)),
+        "base_weight_type": _kind(next(p for n, p in model.named_parameters() if "base_layer" in n)),
         "global_step": trainer.state.global_step,
         "rank_state": model.base_model.rank_state(),
         "history": decisions(callback.allocator.history),
@@ -118,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--logging-steps", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (SFTConfig's default)")
     parser.add_argument("--scorer", default="exact", help="ALoRAConfig.scorer")
+    parser.add_argument("--engine", default="ddp", choices=sorted(ENGINES), help="fsdp2 / zero3: GPUs only")
+    parser.add_argument("--qlora", action="store_true", help="4-bit base, stored in the training dtype")
     args = parser.parse_args(argv)
 
     # count the ranks this process scores itself (distributed scoring splits them over the processes)
@@ -135,7 +173,8 @@ def main(argv=None):
 
     trainer, callback = build_trainer(args.output_dir, args.per_device_batch, args.grad_accum, args.max_steps,
                                       args.save_steps, logging_steps=args.logging_steps,
-                                      bf16=args.bf16, alora={"scorer": args.scorer})
+                                      bf16=args.bf16, alora={"scorer": args.scorer}, qlora=args.qlora,
+                                      **ENGINES[args.engine])
     trainer.train(resume_from_checkpoint=args.resume_from)
     rank = trainer.args.process_index
     result = collect(trainer, callback)
