@@ -1,0 +1,102 @@
+"""Which ranks the fast scorer must re-score exactly: both AB-LoRA terms, exact and first order, per rank.
+
+    python benchmarks/refinement.py --seeds 0 1      # the quick model of scoring.py, ~10 min per seed
+
+The quick run of ``benchmarks/scoring.py`` (448 ranks, 8 rounds, driven by the exact scorer); at
+every round it logs, for every active rank, CE(without rho) and CE(only rho) exactly and to first
+order. From these it computes, for each number k of re-scored ranks (the k lowest first-order
+scores get their exact "without" term, or both exact terms), in how many rounds the plan's pruned
+set equals the exact scorer's, and the worst regret. Writes benchmarks/results/refinement.json;
+the last line is one JSON object {k: rounds agreeing} for the "without"-only refinement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from scoring import RESULTS, toy_setup  # noqa: E402
+
+from peft_alora.allocator import RankAllocator  # noqa: E402
+from peft_alora.scoring.exact import exact_scores  # noqa: E402
+from peft_alora.scoring.fast import taylor_terms  # noqa: E402
+
+N_PRUNE = 7  # one per module type
+
+
+def logged_run(seed: int) -> list[dict]:
+    """Per round: the loss, the base loss and [exact without, exact only, first-order removal, first-order alone]."""
+    args = argparse.Namespace(layers=8, hidden=256, r=8, steps=120, batch=16, lr=2e-3, rounds=8, start=0.1, end=0.4,
+                              scoring_examples=32, scoring_batch_size=32, seed=seed)
+    model, batches, scoring = toy_setup(args)
+    torch.manual_seed(seed)
+    allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    layers, adapter, rounds = allocator.layers, allocator.adapter, []
+
+    def score():
+        active = allocator.active_slots()
+        ranks = [(n, s) for n in sorted(active) for s in active[n]]
+        without = exact_scores(model, layers, adapter, scoring, ranks, parts=("without",))
+        only = exact_scores(model, layers, adapter, scoring, ranks, parts=("only",))
+        terms = taylor_terms(model, layers, adapter, scoring, ranks)
+        rounds.append({"loss": terms.loss, "base_loss": terms.base_loss, "ranks": {
+            f"{m}:{s}": [without[(m, s)], only[(m, s)], terms.removal[(m, s)], terms.alone[(m, s)]] for m, s in ranks}})
+        print(f"seed {seed} round {len(rounds)} logged", flush=True)
+        return {r: without[r] - only[r] for r in ranks}  # the exact scorer drives the run
+
+    allocator.score = score
+    model.train()
+    for step in range(1, args.steps + 1):
+        model(**batches[step - 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        allocator.step(step, optimizer)
+    return rounds
+
+
+def agreement(rounds: list[dict], k: int, both: bool) -> tuple[int, float]:
+    """``(rounds whose pruned set equals the exact one, worst regret)`` when the k lowest are re-scored."""
+    agree, worst = 0, 0.0
+    for row in rounds:
+        loss, base, terms = row["loss"], row["base_loss"], row["ranks"]
+        exact = {r: t[0] - t[1] for r, t in terms.items()}
+        first = {r: (loss + t[2]) - (base + t[3]) for r, t in terms.items()}
+        scores = dict(first)
+        for r in sorted(first, key=lambda r: (first[r], r))[:k]:
+            scores[r] = exact[r] if both else terms[r][0] - (base + terms[r][3])
+        pruned = sorted(scores, key=lambda r: (scores[r], r))[:N_PRUNE]
+        reference = sorted(exact, key=lambda r: (exact[r], r))[:N_PRUNE]
+        agree += set(pruned) == set(reference)
+        worst = max(worst, sum(exact[r] for r in pruned) - sum(exact[r] for r in reference))
+    return agree, worst
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--k", type=int, nargs="+", default=[0, 4, 7, 9, 12, 14, 16])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = [row for seed in args.seeds for row in logged_run(seed)]
+    table = {}
+    print(f"{len(rounds)} rounds; pruned set = exact's when the k lowest first-order scores are re-scored")
+    print(f"{'k':>3} {'without only':>14} {'regret':>9} {'both terms':>12} {'regret':>9}")
+    for k in args.k:
+        (a, ra), (b, rb) = agreement(rounds, k, both=False), agreement(rounds, k, both=True)
+        table[k] = {"without_only": a, "without_only_regret": ra, "both": b, "both_regret": rb}
+        print(f"{k:>3} {a:>11}/{len(rounds)} {ra:9.1e} {b:>9}/{len(rounds)} {rb:9.1e}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "refinement.json").write_text(json.dumps({"seeds": args.seeds, "rounds": len(rounds),
+                                                         "table": table, "logged": rounds}))
+    print(json.dumps({str(k): v["without_only"] for k, v in table.items()}))
+
+
+if __name__ == "__main__":
+    main()
