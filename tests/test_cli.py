@@ -48,6 +48,9 @@ def test_flags_override_the_recipe():
     config = alora.to_config(model)
     assert training.max_steps == 7 and training.learning_rate == 1e-3  # flag, and the recipe's value
     assert (config.r, config.allocation_end, config.allocation_interval) == (4, None, 3)
+    assert (config.scoring_refine, config.regrow_init) == (None, "gradient")  # the library's defaults
+    _, _, model, _, alora, _ = parse_args(["--scoring_refine", "0", "--regrow_init", "random"])
+    assert (alora.to_config(model).scoring_refine, alora.to_config(model).regrow_init) == (0, "random")
 
 
 def test_unknown_recipe_keys_are_named(tmp_path, capsys):

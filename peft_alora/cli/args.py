@@ -43,6 +43,11 @@ class ALoRAArguments:
     scoring_examples: Optional[int] = field(default=None, metadata={"help": "Size of the fixed scoring set."})
     scoring_batch_size: Optional[int] = field(default=None, metadata={"help": "Micro-batch of scoring passes."})
     scorer: Optional[str] = field(default=None, metadata={"help": f"Importance scorer, one of {SCORERS}."})
+    scoring_refine: Optional[int] = field(
+        default=None, metadata={"help": "Fast scorer: lowest-scored ranks whose removal is computed exactly "
+                                        "(default 2 * ranks_per_round; 0: first order only)."})
+    regrow_init: Optional[str] = field(
+        default=None, metadata={"help": "A regrown rank's A row: 'gradient' (default) or 'random' (the paper)."})
 
     def to_config(self, model_args: ModelConfig) -> ALoRAConfig:
         """The adapter config: LoRA fields from TRL's ``ModelConfig``, ALoRA fields from here."""
