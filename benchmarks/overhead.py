@@ -130,12 +130,24 @@ def memory_worker(method: str, setup: str, path: str, args) -> dict:
             "model_and_training_mib": peak_rss_mib() - rss_libraries}
 
 
+def timed_training(trainer, method: str) -> tuple[float, list]:
+    """Wall time of ``trainer.train()``, ALoRA with its callback, and the allocator's round history ([] for LoRA)."""
+    from peft_alora import ALoRACallback
+
+    callback = ALoRACallback(trainer) if method == "alora" else None
+    if callback:
+        trainer.add_callback(callback)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return seconds, callback.allocator.history if callback else []
+
+
 def run_worker(method: str, seed: int, scorer: str, args) -> dict:
     """One process: a whole SFTTrainer run on the toy world (ALoRA: its default schedule and scorer)."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from peft_alora import ALoRACallback
     from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -148,15 +160,9 @@ def run_worker(method: str, seed: int, scorer: str, args) -> dict:
                          processing_class=tokenizer, peft_config=adapter_config(method, args.r, scorer),
                          train_dataset=toy_dataset(args.run_steps * 16, seed=seed),
                          eval_dataset=toy_dataset(64, seed=1000 + seed))
-    callback = ALoRACallback(trainer) if method == "alora" else None
-    if callback:
-        trainer.add_callback(callback)
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    scoring = sum(r["scoring_seconds"] for r in callback.allocator.history) if callback else 0.0
-    return {"method": method, "seed": seed, "run_seconds": seconds, "scoring_seconds": scoring,
-            "rounds": len(callback.allocator.history) - 1 if callback else 0}
+    seconds, history = timed_training(trainer, method)
+    return {"method": method, "seed": seed, "run_seconds": seconds,
+            "scoring_seconds": sum(r["scoring_seconds"] for r in history), "rounds": max(len(history) - 1, 0)}
 
 
 def recipe_worker(method: str, args) -> dict:
@@ -166,7 +172,6 @@ def recipe_worker(method: str, args) -> dict:
     import torch
     from trl import get_peft_config
 
-    from peft_alora import ALoRACallback
     from peft_alora.cli.args import parse_args
     from peft_alora.cli.sft import build_trainer
 
@@ -175,13 +180,7 @@ def recipe_worker(method: str, args) -> dict:
         ["--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true"])
     trainer, *_ = build_trainer(script, training, model, data, alora,
                                 peft_config=get_peft_config(model) if method == "lora" else None)
-    callback = ALoRACallback(trainer) if method == "alora" else None
-    if callback:
-        trainer.add_callback(callback)
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    history = callback.allocator.history if callback else []
+    seconds, history = timed_training(trainer, method)
     return {"method": method, "run_seconds": seconds, "steps": trainer.state.global_step,
             "scoring_seconds": sum(r["scoring_seconds"] for r in history), "rounds": max(len(history) - 1, 0),
             "final_train_loss": trainer.state.log_history[-1].get("train_loss")}

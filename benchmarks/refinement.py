@@ -20,9 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scoring import RESULTS, toy_setup  # noqa: E402
+from scoring import RESULTS, exact_driven_run, toy_setup  # noqa: E402
 
-from peft_alora.allocator import RankAllocator  # noqa: E402
 from peft_alora.scoring.exact import exact_scores  # noqa: E402
 from peft_alora.scoring.fast import taylor_terms  # noqa: E402
 
@@ -34,12 +33,10 @@ def logged_run(seed: int) -> list[dict]:
     args = argparse.Namespace(layers=8, hidden=256, r=8, steps=120, batch=16, lr=2e-3, rounds=8, start=0.1, end=0.4,
                               scoring_examples=32, scoring_batch_size=32, seed=seed)
     model, batches, scoring = toy_setup(args)
-    torch.manual_seed(seed)
-    allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    layers, adapter, rounds = allocator.layers, allocator.adapter, []
+    rounds = []
 
-    def score():
+    def score(allocator):
+        layers, adapter = allocator.layers, allocator.adapter
         active = allocator.active_slots()
         ranks = [(n, s) for n in sorted(active) for s in active[n]]
         without = exact_scores(model, layers, adapter, scoring, ranks, parts=("without",))
@@ -48,15 +45,9 @@ def logged_run(seed: int) -> list[dict]:
         rounds.append({"loss": terms.loss, "base_loss": terms.base_loss, "ranks": {
             f"{m}:{s}": [without[(m, s)], only[(m, s)], terms.removal[(m, s)], terms.alone[(m, s)]] for m, s in ranks}})
         print(f"seed {seed} round {len(rounds)} logged", flush=True)
-        return {r: without[r] - only[r] for r in ranks}  # the exact scorer drives the run
+        return {r: without[r] - only[r] for r in ranks}
 
-    allocator.score = score
-    model.train()
-    for step in range(1, args.steps + 1):
-        model(**batches[step - 1]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        allocator.step(step, optimizer)
+    exact_driven_run(args, model, batches, scoring, score)
     return rounds
 
 

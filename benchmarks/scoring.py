@@ -131,16 +131,30 @@ def smollm2_setup(args, **target):
     return model, batches, scoring
 
 
-def run(args, model, batches, scoring) -> dict:
-    """Train with the allocator; every round scores with both scorers and the exact scores decide."""
+def exact_driven_run(args, model, batches, scoring, score_round, on_step=None) -> None:
+    """Train with the allocator, whose rounds take their scores from ``score_round(allocator)`` (the
+    exact scores: the run follows the reference scorer); ``on_step(step)`` before each allocator step."""
     torch.manual_seed(args.seed)
     allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    layers, adapter = allocator.layers, allocator.adapter
+    allocator.score = lambda: score_round(allocator)
+    model.train()
+    for step in range(1, args.steps + 1):
+        model(**batches[step - 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if on_step:
+            on_step(step)
+        allocator.step(step, optimizer)
+
+
+def run(args, model, batches, scoring) -> dict:
+    """Every round scores with both scorers; the exact scores decide."""
     rounds = []
     current = {"step": 0}
 
-    def compare_scorers() -> dict:
+    def compare_scorers(allocator) -> dict:
+        layers, adapter = allocator.layers, allocator.adapter
         active = allocator.active_slots()
         capacity = {name: layer.capacity(adapter) for name, layer in layers.items()}
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
@@ -173,14 +187,7 @@ def run(args, model, batches, scoring) -> dict:
         print(format_row(row, args.refine), flush=True)
         return exact  # the run is driven by the reference scorer
 
-    allocator.score = compare_scorers
-    model.train()
-    for step in range(1, args.steps + 1):
-        model(**batches[step - 1]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        current["step"] = step
-        allocator.step(step, optimizer)
+    exact_driven_run(args, model, batches, scoring, compare_scorers, on_step=lambda step: current.update(step=step))
     return {"rounds": rounds}
 
 
