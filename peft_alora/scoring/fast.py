@@ -8,8 +8,8 @@ With ``y = s * B diag(g) A x`` the loss is a smooth function of every gate ``g_r
 One forward+backward pass over the scoring set at the current gates and one at all gates off give
 these derivatives for every rank at once, instead of 2 passes per rank. The pass at all gates off
 is the frozen base model's: it runs once per run and is kept as weight gradients where they fit
-(``base_gradient.py``). For the ranks nearest the pruning threshold the "without" term can then be
-taken exactly.
+(``base_gradient.py``). For the lowest-scored ranks the "without" term is then taken exactly
+(``scoring_refine``).
 
 Everything runs in fp32 with the training loop's autocast off; gate gradients are accumulated in
 fp32. Under several processes with replicated weights the micro-batches are split and the sums
