@@ -178,6 +178,11 @@ def run(args, model, batches, scoring) -> dict:
                 "plan_same": set(plan_fast.pruned) == set(plan_exact.pruned) and plan_fast.grown == plan_exact.grown,
                 "regret": regret, "scores": {f"{m}:{s}": fast[(m, s)] for m, s in ranks},
             }
+        if "refine0" in row:  # how many ranks each setting re-scored exactly
+            first = row["refine0"]["scores"]
+            for refine in args.refine:
+                scores = row[f"refine{refine}"]["scores"]
+                row[f"refine{refine}"]["rescored"] = sum(scores[k] != first[k] for k in scores)
         row["exact_scores"] = {f"{m}:{s}": exact[(m, s)] for m, s in ranks}
         ordered = sorted(exact.values())
         row["exact_threshold_gap"] = ordered[n] - ordered[n - 1] if n < len(ordered) else None
@@ -228,14 +233,17 @@ def real_costs(args) -> dict:
     # side by side: each repetition times a training step, then a round of every setting, so that the
     # ratios (round / step) compare times taken under the same load
     settings = sorted(set(args.refine) | {0})
-    step_times, seconds = [], {k: [] for k in settings}
+    step_times, seconds, rescored = [], {k: [] for k in settings}, {k: [] for k in settings}
     for rep in range(args.repeats):
         step_times.append(timed(train_step, 1)[0][0])
+        scores = {}
         for k in settings:
-            seconds[k].append(timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7,
-                                                        refine=k), 1)[0][0])
+            times, scores[k] = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7,
+                                                         refine=k), 1)
+            seconds[k].append(times[0])
+            rescored[k].append(sum(scores[k][r] != scores[0][r] for r in ranks))
         print(f"rep {rep}: training step {step_times[-1]:.1f}s, " + ", ".join(
-            f"scoring_refine={k} {seconds[k][-1]:.1f}s" for k in settings), flush=True)
+            f"scoring_refine={k} {seconds[k][-1]:.1f}s ({rescored[k][-1]} re-scored)" for k in settings), flush=True)
     in_steps = {k: statistics.median(t / s for t, s in zip(seconds[k], step_times)) for k in settings}
     step_seconds = statistics.median(step_times)
     refine = args.refine[0]  # the library's default unless told otherwise
@@ -255,7 +263,7 @@ def real_costs(args) -> dict:
     result = {"ranks": len(ranks), "train_step_seconds": step_seconds, "refine": refine,
               "fast_round_seconds": statistics.median(seconds[refine]), "fast_round_in_train_steps": in_steps[refine],
               "first_order_round_seconds": statistics.median(seconds[0]), "first_order_round_in_train_steps": in_steps[0],
-              "round_in_train_steps": in_steps, "fast_first_call_seconds": first_call,
+              "round_in_train_steps": in_steps, "rescored": rescored, "fast_first_call_seconds": first_call,
               "fast_first_call_in_train_steps": first_call / step_seconds,
               "exact_sampled_ranks": len(sample), "exact_ablations_timed": 2 * len(sample),
               "exact_round_seconds_estimated": exact_round, "exact_round_in_train_steps": exact_steps,
@@ -269,7 +277,8 @@ def format_row(row, refines) -> str:
     for refine in refines:
         r = row[f"refine{refine}"]
         parts.append(f"fast/refine={refine} {r['seconds']:.2f}s x{r['speedup']:.0f} rho={r['spearman']:.3f} "
-                     f"pruned_same={r['pruned_same']} plan_same={r['plan_same']} regret={r['regret']:.2e}")
+                     f"pruned_same={r['pruned_same']} plan_same={r['plan_same']} regret={r['regret']:.2e}"
+                     + (f" re-scored={r['rescored']}" if "rescored" in r else ""))
     return " | ".join(parts)
 
 
@@ -289,6 +298,8 @@ def summarise(result, refines) -> dict:
             "plan_agreement": sum(r["plan_same"] for r in rows) / len(rows),
             "regret_max": max(r["regret"] for r in rows),
         }
+        if all("rescored" in r for r in rows):
+            summary[f"refine{refine}"]["rescored_mean"] = statistics.mean(r["rescored"] for r in rows)
     noise = rounds[-1].get("bf16_noise")
     if noise:
         summary["bf16_vs_fp32_score_noise"] = noise

@@ -93,9 +93,9 @@ class ALoRAConfig(LoraConfig):
     )
     scoring_refine: Optional[int] = field(
         default=None,
-        metadata={"help": "With scorer='fast': for this many of the lowest-scored ranks the 'without rank' term is "
-                          "taken exactly (about half a scoring pass each). None: twice ranks_per_round. "
-                          "0: first order only."},
+        metadata={"help": "With scorer='fast': at most this many of the lowest-scored ranks get the 'without rank' "
+                          "term taken exactly (about half a scoring pass each), lowest first, stopping once the ranks "
+                          "to prune are settled. None: twice ranks_per_round. 0: first order only."},
     )
     regrow_init: str = field(
         default="gradient",
