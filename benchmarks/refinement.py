@@ -6,7 +6,9 @@ The quick run of ``benchmarks/scoring.py`` (448 ranks, 8 rounds, driven by the e
 every round it logs, for every active rank, CE(without rho) and CE(only rho) exactly and to first
 order. From these it computes, for each number k of re-scored ranks (the k lowest first-order
 scores get their exact "without" term, or both exact terms), in how many rounds the plan's pruned
-set equals the exact scorer's, and the worst regret. Writes benchmarks/results/refinement.json;
+set equals the exact scorer's, and the worst regret; and the same for the lazy refinement the
+library uses (``refine_lazily``: stop once the pruned set is settled), with its bound scaled by
+each rank's size or not. Writes benchmarks/results/refinement.json;
 the last line is one JSON object {k: rounds agreeing} for the "without"-only refinement.
 """
 
@@ -23,13 +25,14 @@ import torch  # noqa: E402
 from scoring import RESULTS, exact_driven_run, toy_setup  # noqa: E402
 
 from peft_alora.scoring.exact import exact_scores  # noqa: E402
-from peft_alora.scoring.fast import taylor_terms  # noqa: E402
+from peft_alora.scoring.fast import rank_sizes, refine_lazily, taylor_terms  # noqa: E402
 
 N_PRUNE = 7  # one per module type
 
 
 def logged_run(seed: int) -> list[dict]:
-    """Per round: the loss, the base loss and [exact without, exact only, first-order removal, first-order alone]."""
+    """Per round: the loss, the base loss and [exact without, exact only, first-order removal, first-order alone,
+    size] per rank (size: ``rank_sizes``, the scale of the lazy refinement's bound)."""
     args = argparse.Namespace(layers=8, hidden=256, r=8, steps=120, batch=16, lr=2e-3, rounds=8, start=0.1, end=0.4,
                               scoring_examples=32, scoring_batch_size=32, seed=seed)
     model, batches, scoring = toy_setup(args)
@@ -42,8 +45,10 @@ def logged_run(seed: int) -> list[dict]:
         without = exact_scores(model, layers, adapter, scoring, ranks, parts=("without",))
         only = exact_scores(model, layers, adapter, scoring, ranks, parts=("only",))
         terms = taylor_terms(model, layers, adapter, scoring, ranks)
+        sizes = rank_sizes(layers, adapter, ranks)
         rounds.append({"loss": terms.loss, "base_loss": terms.base_loss, "ranks": {
-            f"{m}:{s}": [without[(m, s)], only[(m, s)], terms.removal[(m, s)], terms.alone[(m, s)]] for m, s in ranks}})
+            f"{m}:{s}": [without[(m, s)], only[(m, s)], terms.removal[(m, s)], terms.alone[(m, s)], sizes[(m, s)]]
+            for m, s in ranks}})
         print(f"seed {seed} round {len(rounds)} logged", flush=True)
         return {r: without[r] - only[r] for r in ranks}
 
@@ -68,6 +73,24 @@ def agreement(rounds: list[dict], k: int, both: bool) -> tuple[int, float]:
     return agree, worst
 
 
+def lazy_agreement(rounds: list[dict], limit: int, scaled: bool) -> tuple[int, list[int]]:
+    """``(rounds whose pruned set equals the exact one, ranks re-scored per round)`` with the library's
+    ``refine_lazily`` fed the logged exact "without" terms; ``scaled=False``: one bound for all ranks."""
+    agree, counts = 0, []
+    for row in rounds:
+        loss, base, terms = row["loss"], row["base_loss"], row["ranks"]
+        exact = {r: t[0] - t[1] for r, t in terms.items()}
+        scores = {r: (loss + t[2]) - (base + t[3]) for r, t in terms.items()}
+        refined = refine_lazily(scores, N_PRUNE, limit, lambda chosen: {r: terms[r][0] - (base + terms[r][3])
+                                                                         for r in chosen},
+                                sizes={r: t[4] for r, t in terms.items()} if scaled else None)
+        scores.update(refined)
+        counts.append(len(refined))
+        pruned = sorted(scores, key=lambda r: (scores[r], r))[:N_PRUNE]
+        agree += set(pruned) == set(sorted(exact, key=lambda r: (exact[r], r))[:N_PRUNE])
+    return agree, counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -83,9 +106,17 @@ def main(argv=None):
         (a, ra), (b, rb) = agreement(rounds, k, both=False), agreement(rounds, k, both=True)
         table[k] = {"without_only": a, "without_only_regret": ra, "both": b, "both_regret": rb}
         print(f"{k:>3} {a:>11}/{len(rounds)} {ra:9.1e} {b:>9}/{len(rounds)} {rb:9.1e}")
+    lazy = {}
+    for scaled in (True, False):
+        agree, counts = lazy_agreement(rounds, 2 * N_PRUNE, scaled)
+        lazy["size-scaled" if scaled else "one bound"] = {"agree": agree, "rescored": counts}
+        print(f"lazy refinement (at most {2 * N_PRUNE}), {'size-scaled bound (default)' if scaled else 'one bound'}: "
+              f"{agree}/{len(rounds)} rounds agree, {sum(counts) / len(counts):.1f} ranks re-scored on average "
+              f"({min(counts)}-{max(counts)})")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "refinement.json").write_text(json.dumps({"seeds": args.seeds, "rounds": len(rounds),
-                                                         "table": table, "logged": rounds}))
+                                                         "table": table, "lazy": lazy,
+                                                         "logged": rounds}))
     print(json.dumps({str(k): v["without_only"] for k, v in table.items()}))
 
 

@@ -272,6 +272,60 @@ def real_costs(args) -> dict:
     return result
 
 
+def real_rounds(args) -> dict:
+    """Full SmolLM2 (all linear layers), the default fast scorer driving a real allocation run: per
+    round, the scoring time in training steps (against the steps just before it, same load) and how
+    many ranks the lazy refinement re-scored exactly."""
+    import peft_alora.scoring.fast as fast
+
+    args = argparse.Namespace(**{**vars(args), "r": 8, "length": 128, "batch": 8})  # the issue's set-up
+    model, batches, scoring = smollm2_setup(args, target_modules="all-linear")
+    rescored = []
+    exact = fast.distributed_exact_scores
+
+    def counted(model, layers, adapter, scoring, ranks, **kwargs):
+        rescored[-1] += len(ranks)
+        return exact(model, layers, adapter, scoring, ranks, **kwargs)
+
+    fast.distributed_exact_scores = counted
+    try:
+        torch.manual_seed(args.seed)
+        allocator = RankAllocator(model, scoring, total_steps=args.steps, seed=args.seed)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        step_seconds, rounds = [], []
+        for step in range(1, args.steps + 1):
+            model.train()
+            started = time.perf_counter()
+            model(**batches[step - 1]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step_seconds.append(time.perf_counter() - started)
+            rescored.append(0)
+            started = time.perf_counter()
+            record = allocator.step(step, optimizer)
+            if record is None:
+                continue
+            recent = statistics.median(step_seconds[-3:])
+            rounds.append({"round": record["round"], "step": step, "scoring_seconds": record["scoring_seconds"],
+                           "round_seconds": time.perf_counter() - started, "train_step_seconds": recent,
+                           "scoring_in_train_steps": record["scoring_seconds"] / recent,
+                           "rescored": rescored[-1]})
+            print(f"round {record['round']} (step {step}): scoring {record['scoring_seconds']:.1f}s = "
+                  f"{rounds[-1]['scoring_in_train_steps']:.1f} training steps of {recent:.1f}s, "
+                  f"{rescored[-1]} ranks re-scored exactly", flush=True)
+            if allocator.rounds_done == len(allocator.schedule):
+                break
+    finally:
+        fast.distributed_exact_scores = exact
+    later = rounds[1:]  # the first round also ran the once-per-run pass of the base model
+    result = {"ranks": sum(len(slots) for slots in allocator.active_slots().values()),
+              "rounds": rounds, "lr": args.lr, "steps": args.steps,
+              "scoring_in_train_steps_median": statistics.median(r["scoring_in_train_steps"] for r in later),
+              "rescored_mean": statistics.mean(r["rescored"] for r in rounds)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def format_row(row, refines) -> str:
     parts = [f"round {row['round']} (step {row['step']}, {row['ranks']} ranks): exact {row['exact_seconds']:.1f}s"]
     for refine in refines:
@@ -353,6 +407,9 @@ def main(argv=None):
                         help="smollm2 agreement run: adapt all 7 types in these layers only")
     parser.add_argument("--skip-costs", action="store_true", help="smollm2: only the agreement run")
     parser.add_argument("--skip-agreement", action="store_true", help="smollm2: only the cost measurements")
+    parser.add_argument("--in-run", action="store_true",
+                        help="smollm2: time the default scorer's rounds inside a real allocation run (--steps, "
+                             "--rounds, --start, --end, --lr) instead of the other measurements")
     parser.add_argument("--noise-sample", type=int, default=24,
                         help="ranks whose exact score is also taken in bf16 in the last round (0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -363,6 +420,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"}
+    if args.model == "smollm2" and args.in_run:
+        out["in_run"] = real_rounds(args)
+        (RESULTS / "scoring_smollm2_in_run.json").write_text(json.dumps(out, indent=1))
+        return
     if args.model == "smollm2":
         if not args.skip_costs:
             out["costs"] = real_costs(args)
