@@ -209,9 +209,13 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
     terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0)
     scores = terms.scores()
     if refine > 0:
-        def rescore(chosen):
-            without = distributed_exact_scores(model, layers, adapter, scoring, chosen, progress=progress,
-                                               parts=("without",), current=terms.prefix)
+        calls = []
+
+        def rescore(chosen):  # a progress bar for the first chunk only: later ones are a rank or two each
+            without = distributed_exact_scores(model, layers, adapter, scoring, chosen,
+                                               progress=None if calls else progress, parts=("without",),
+                                               current=terms.prefix)
+            calls.append(len(chosen))
             return {rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in chosen}
         scores.update(refine_lazily(scores, n_prune if n_prune is not None else refine, refine, rescore,
                                     sizes=rank_sizes(layers, adapter, ranks),
