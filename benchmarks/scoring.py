@@ -280,11 +280,13 @@ def real_rounds(args) -> dict:
 
     args = argparse.Namespace(**{**vars(args), "r": 8, "length": 128, "batch": 8})  # the set-up
     model, batches, scoring = smollm2_setup(args, target_modules="all-linear")
-    rescored = []
+    rescored, blocks = [], []  # per round: ranks re-scored exactly, and the decoder block of each
+    block_of = decoder_blocks(model, dict(model.base_model.gated_layers()))[1]
     exact = fast.distributed_exact_scores
 
     def counted(model, layers, adapter, scoring, ranks, **kwargs):
         rescored[-1] += len(ranks)
+        blocks[-1] += [block_of.get(name) for name, _ in ranks]
         return exact(model, layers, adapter, scoring, ranks, **kwargs)
 
     fast.distributed_exact_scores = counted
@@ -301,6 +303,7 @@ def real_rounds(args) -> dict:
             optimizer.zero_grad()
             step_seconds.append(time.perf_counter() - started)
             rescored.append(0)
+            blocks.append([])
             started = time.perf_counter()
             record = allocator.step(step, optimizer)
             if record is None:
@@ -309,10 +312,10 @@ def real_rounds(args) -> dict:
             rounds.append({"round": record["round"], "step": step, "scoring_seconds": record["scoring_seconds"],
                            "round_seconds": time.perf_counter() - started, "train_step_seconds": recent,
                            "scoring_in_train_steps": record["scoring_seconds"] / recent,
-                           "rescored": rescored[-1]})
+                           "rescored": rescored[-1], "rescored_blocks": blocks[-1]})
             print(f"round {record['round']} (step {step}): scoring {record['scoring_seconds']:.1f}s = "
                   f"{rounds[-1]['scoring_in_train_steps']:.1f} training steps of {recent:.1f}s, "
-                  f"{rescored[-1]} ranks re-scored exactly", flush=True)
+                  f"{rescored[-1]} ranks re-scored exactly (blocks {blocks[-1]})", flush=True)
             if allocator.rounds_done == len(allocator.schedule):
                 break
     finally:
