@@ -301,8 +301,9 @@ def main(argv=None):
         lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
         run_ratios = {scorer: statistics.median(r["run_seconds"] for r in runs if r["scorer"] == scorer) / lora_run
                       for scorer in args.run_scorers}
+    recipe_ratio = ratio(recipes, "run_seconds") if recipes else None
     # the figure: the default recipe; the toy runs where the recipe was not run
-    run_ratio = ratio(recipes, "run_seconds") if recipes else run_ratios.get(args.run_scorers[0], float("nan"))
+    run_ratio = recipe_ratio if recipes else run_ratios.get(args.run_scorers[0], float("nan"))
     print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
     print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
     for precision, t in table.items():
@@ -310,7 +311,7 @@ def main(argv=None):
               f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
               f"{t['peak_memory_ratio']:6.3f}")
     if recipes:
-        print(f"default recipe (alora-sft): ALoRA / LoRA wall time of trainer.train() {ratio(recipes, 'run_seconds'):.3f}")
+        print(f"default recipe (alora-sft): ALoRA / LoRA wall time of trainer.train() {recipe_ratio:.3f}")
     for scorer, value in run_ratios.items():
         share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
         print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
@@ -319,7 +320,7 @@ def main(argv=None):
                                            4),
                 "run_time_ratio": round(run_ratio, 4),
                 **{f"toy_run_time_ratio_{k}": round(v, 4) for k, v in run_ratios.items()},
-                **({"recipe_run_time_ratio": round(ratio(recipes, "run_seconds"), 4)} if recipes else {}),
+                **({"recipe_run_time_ratio": round(recipe_ratio, 4)} if recipes else {}),
                 **{f"step_time_ratio_{p}": round(t["step_time_ratio"], 4) for p, t in table.items()},
                 **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

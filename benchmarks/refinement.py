@@ -56,18 +56,28 @@ def logged_run(seed: int) -> list[dict]:
     return rounds
 
 
+def _lowest(scores: dict, k: int = N_PRUNE) -> list:
+    return sorted(scores, key=lambda r: (scores[r], r))[:k]
+
+
+def _round_scores(row: dict) -> tuple[dict, dict, dict]:
+    """A logged round's ``(exact scores, first-order scores, scores with the exact "without" term)``."""
+    loss, base, terms = row["loss"], row["base_loss"], row["ranks"]
+    exact = {r: t[0] - t[1] for r, t in terms.items()}
+    first = {r: (loss + t[2]) - (base + t[3]) for r, t in terms.items()}
+    refined = {r: t[0] - (base + t[3]) for r, t in terms.items()}
+    return exact, first, refined
+
+
 def agreement(rounds: list[dict], k: int, both: bool) -> tuple[int, float]:
     """``(rounds whose pruned set equals the exact one, worst regret)`` when the k lowest are re-scored."""
     agree, worst = 0, 0.0
     for row in rounds:
-        loss, base, terms = row["loss"], row["base_loss"], row["ranks"]
-        exact = {r: t[0] - t[1] for r, t in terms.items()}
-        first = {r: (loss + t[2]) - (base + t[3]) for r, t in terms.items()}
+        exact, first, refined = _round_scores(row)
         scores = dict(first)
-        for r in sorted(first, key=lambda r: (first[r], r))[:k]:
-            scores[r] = exact[r] if both else terms[r][0] - (base + terms[r][3])
-        pruned = sorted(scores, key=lambda r: (scores[r], r))[:N_PRUNE]
-        reference = sorted(exact, key=lambda r: (exact[r], r))[:N_PRUNE]
+        for r in _lowest(first, k):
+            scores[r] = exact[r] if both else refined[r]
+        pruned, reference = _lowest(scores), _lowest(exact)
         agree += set(pruned) == set(reference)
         worst = max(worst, sum(exact[r] for r in pruned) - sum(exact[r] for r in reference))
     return agree, worst
@@ -78,16 +88,12 @@ def lazy_agreement(rounds: list[dict], limit: int, scaled: bool) -> tuple[int, l
     ``refine_lazily`` fed the logged exact "without" terms; ``scaled=False``: one bound for all ranks."""
     agree, counts = 0, []
     for row in rounds:
-        loss, base, terms = row["loss"], row["base_loss"], row["ranks"]
-        exact = {r: t[0] - t[1] for r, t in terms.items()}
-        scores = {r: (loss + t[2]) - (base + t[3]) for r, t in terms.items()}
-        refined = refine_lazily(scores, N_PRUNE, limit, lambda chosen: {r: terms[r][0] - (base + terms[r][3])
-                                                                         for r in chosen},
-                                sizes={r: t[4] for r, t in terms.items()} if scaled else None)
-        scores.update(refined)
-        counts.append(len(refined))
-        pruned = sorted(scores, key=lambda r: (scores[r], r))[:N_PRUNE]
-        agree += set(pruned) == set(sorted(exact, key=lambda r: (exact[r], r))[:N_PRUNE])
+        exact, scores, refined = _round_scores(row)
+        chosen = refine_lazily(scores, N_PRUNE, limit, lambda ranks: {r: refined[r] for r in ranks},
+                               sizes={r: t[4] for r, t in row["ranks"].items()} if scaled else None)
+        scores.update(chosen)
+        counts.append(len(chosen))
+        agree += set(_lowest(scores)) == set(_lowest(exact))
     return agree, counts
 
 

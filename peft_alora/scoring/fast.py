@@ -142,13 +142,16 @@ BOUND_SLACK = 2.0  # how far first order may still overestimate a rank not re-sc
 
 def rank_sizes(layers: Mapping[str, torch.nn.Module], adapter: str, ranks: Sequence[Rank]) -> dict[Rank, float]:
     """``(s |B[:, rho]| |A[rho]|)^2`` per rank: how large its second-order term can be, up to a factor."""
+    slots: dict[str, list[int]] = {}
+    for name, slot in ranks:  # dicts keep order: every process gathers the same layers in the same order
+        slots.setdefault(name, []).append(slot)
     sizes = {}
-    for name in dict.fromkeys(name for name, _ in ranks):  # every process gathers the same layers in order
+    for name, chosen in slots.items():
         layer = layers[name]
         rows = full(layer.lora_A[adapter].weight).detach().double().pow(2).sum(1)
         columns = full(layer.lora_B[adapter].weight).detach().double().pow(2).sum(0)
         scale = float(layer.scaling[adapter]) ** 2
-        sizes.update({(n, slot): scale * float(rows[slot] * columns[slot]) for n, slot in ranks if n == name})
+        sizes.update({(name, slot): scale * float(rows[slot] * columns[slot]) for slot in chosen})
     return sizes
 
 
@@ -209,13 +212,13 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
     terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0)
     scores = terms.scores()
     if refine > 0:
-        calls = []
+        bar = progress
 
         def rescore(chosen):  # a progress bar for the first chunk only: later ones are a rank or two each
-            without = distributed_exact_scores(model, layers, adapter, scoring, chosen,
-                                               progress=None if calls else progress, parts=("without",),
-                                               current=terms.prefix)
-            calls.append(len(chosen))
+            nonlocal bar
+            without = distributed_exact_scores(model, layers, adapter, scoring, chosen, progress=bar,
+                                               parts=("without",), current=terms.prefix)
+            bar = None
             return {rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in chosen}
         scores.update(refine_lazily(scores, n_prune if n_prune is not None else refine, refine, rescore,
                                     sizes=rank_sizes(layers, adapter, ranks),
