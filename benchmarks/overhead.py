@@ -6,8 +6,11 @@
    both models and alternates their steps, so both see the same load on a shared machine; the
    ratio is the median over step pairs. Memory: a fresh process per method (so the peak resident
    memory is that method's alone), ALoRA and LoRA alternating, several repetitions, medians.
-   Peak memory is the growth of the process's peak resident set from after the imports: model,
-   adapter, optimizer state and activations (the libraries' own ~600 MB would hide differences).
+   Peak memory is the peak of the bytes held by tensors from loading the model to the end of the
+   steps: model, adapter, optimizer state and activations, counted by torch's memory profiler
+   (plus the weights mapped from the file), so the same every time. The growth of the process's
+   peak resident set from after the imports is reported beside it; it also holds memory freed but
+   not returned by the C allocator, which made it swing by several percent between runs.
 2. Whole SFT runs, wall time of ``trainer.train()``: the default recipe (``alora-sft`` with no
    arguments: the real SmolLM2-135M-Instruct, 30 steps, 4 rounds) with ALoRA (its default scorer)
    vs plain LoRA, alternating — this is ``run_time_ratio``; without ``--quick`` also longer TRL
@@ -93,6 +96,7 @@ def _trainable(path: str, precision: str, method: str, r: int):
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
+    step.model = model
     return step
 
 
@@ -113,23 +117,59 @@ def step_worker(setup: str, path: str, args) -> dict:
     return {"precision": setup, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
 
 
+def tensor_memory_mib(trace_events: list, training_began: float, model_storages: dict) -> tuple[float, float]:
+    """``(peak, at the start of training)`` of the bytes held by tensors, from a memory-profiled trace:
+    every tensor allocation and free is an event carrying the running total. The model's tensors
+    not allocated inside the trace (weights mapped from the safetensors file) are added from
+    ``model_storages`` ({address: bytes}). Deterministic, unlike the resident set, which also holds
+    freed memory the C allocator has not returned."""
+    events = sorted((e["ts"], e["args"]) for e in trace_events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    live: dict[int, int] = {}
+    at_start = 0
+    for ts, fields in events:
+        if ts >= training_began:
+            break
+        if fields["Bytes"] > 0:
+            live[fields["Addr"]] = fields["Bytes"]
+        else:
+            live.pop(fields["Addr"], None)
+        at_start = fields["Total Allocated"]
+    mapped = sum(size for address, size in model_storages.items() if address not in live)
+    peak = max([at_start] + [fields["Total Allocated"] for ts, fields in events if ts >= training_began])
+    return (peak + mapped) / 2**20, (at_start + mapped) / 2**20
+
+
 def memory_worker(method: str, setup: str, path: str, args) -> dict:
-    """One process, one method: the growth of its peak RSS from after the imports to after a few steps."""
+    """One process, one method: the growth of its peak RSS from after the imports to after a few steps,
+    and the peak of the bytes held by tensors over the same window (model, adapter, optimizer state,
+    activations), counted by the memory profiler."""
     import bitsandbytes  # noqa: F401  (every library the step needs is loaded before the baseline)
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     import peft_alora  # noqa: F401
 
     torch.set_num_threads(args.threads)
     rss_libraries = peak_rss_mib()
-    step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r)
-    ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-    for _ in range(args.warmup):
-        step(ids)
-    return {"method": method, "precision": setup, "peak_rss_mib": peak_rss_mib(),
-            "model_and_training_mib": peak_rss_mib() - rss_libraries}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r)
+        ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+        tensors = [*step.model.parameters(), *step.model.buffers()]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        with record_function("training"):
+            for _ in range(args.warmup):
+                step(ids)
+    peak_rss = peak_rss_mib()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        profiler.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    began = min(e["ts"] for e in events if e.get("name") == "training")
+    peak, at_start = tensor_memory_mib(events, began, storages)
+    return {"method": method, "precision": setup, "peak_rss_mib": peak_rss,
+            "model_and_training_mib": peak_rss - rss_libraries, "tensor_peak_mib": peak, "tensor_at_start_mib": at_start}
 
 
 def timed_training(trainer, method: str) -> tuple[float, list]:
@@ -263,8 +303,9 @@ def main(argv=None):
                 for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
                     row = in_subprocess("memory", method, precision, path, args=args)
                     memory.append(row)
-                    print(f"{precision:5} {method:6} rep {rep}: peak RSS {row['peak_rss_mib']:.0f} MiB "
-                          f"(+{row['model_and_training_mib']:.0f} after imports)", flush=True)
+                    print(f"{precision:5} {method:6} rep {rep}: tensors peak {row['tensor_peak_mib']:.1f} MiB, "
+                          f"peak RSS {row['peak_rss_mib']:.0f} MiB (+{row['model_and_training_mib']:.0f} after imports)",
+                          flush=True)
     for rep in range(args.run_reps):
         for method in (("lora", *args.run_scorers) if rep % 2 == 0 else (*args.run_scorers, "lora")):
             kind = "lora" if method == "lora" else "alora"
@@ -287,7 +328,8 @@ def main(argv=None):
         rows = [r for r in steps if r["precision"] == precision]
         pairs = [a / b for r in rows for a, b in zip(r["alora_step_seconds"], r["lora_step_seconds"])]
         table[precision] = {"step_time_ratio": statistics.median(pairs),
-                            "peak_memory_ratio": ratio(memory, "model_and_training_mib", precision=precision),
+                            "peak_memory_ratio": ratio(memory, "tensor_peak_mib", precision=precision),
+                            "rss_growth_ratio": ratio(memory, "model_and_training_mib", precision=precision),
                             "process_peak_rss_ratio": ratio(memory, "peak_rss_mib", precision=precision)}
         for method in ("lora", "alora"):
             table[precision][f"{method}_step_seconds"] = statistics.median(
@@ -296,6 +338,7 @@ def main(argv=None):
             table[precision][f"{method}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in sel)
             table[precision][f"{method}_model_and_training_mib"] = statistics.median(
                 r["model_and_training_mib"] for r in sel)
+            table[precision][f"{method}_tensor_peak_mib"] = statistics.median(r["tensor_peak_mib"] for r in sel)
     run_ratios = {}
     if runs:
         lora_run = statistics.median(r["run_seconds"] for r in runs if r["method"] == "lora")
@@ -304,12 +347,15 @@ def main(argv=None):
     recipe_ratio = ratio(recipes, "run_seconds") if recipes else None
     # the issue's figure: the default recipe; the toy runs where the recipe was not run
     run_ratio = recipe_ratio if recipes else run_ratios.get(args.run_scorers[0], float("nan"))
-    print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = growth of the process's peak RSS from after the imports (model, adapter, training)")
-    print(f"{'precision':9} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} {'ratio':>6}")
+    print("\nstep ratio = median over alternating step pairs of ALoRA / LoRA; peak memory = peak of the bytes held by "
+          "tensors (model, adapter, optimizer state, activations; memory profiler); RSS = growth of the process's "
+          "peak resident set from after the imports (noisy: it keeps freed memory)")
+    print(f"{'precision':12} {'LoRA step s':>11} {'ALoRA step s':>12} {'ratio':>6} {'LoRA MiB':>9} {'ALoRA MiB':>9} "
+          f"{'ratio':>6} {'RSS ratio':>9}")
     for precision, t in table.items():
-        print(f"{precision:9} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
-              f"{t['lora_model_and_training_mib']:9.0f} {t['alora_model_and_training_mib']:9.0f} "
-              f"{t['peak_memory_ratio']:6.3f}")
+        print(f"{precision:12} {t['lora_step_seconds']:11.3f} {t['alora_step_seconds']:12.3f} {t['step_time_ratio']:6.3f} "
+              f"{t['lora_tensor_peak_mib']:9.1f} {t['alora_tensor_peak_mib']:9.1f} "
+              f"{t['peak_memory_ratio']:6.3f} {t['rss_growth_ratio']:9.3f}")
     if recipes:
         print(f"default recipe (alora-sft): ALoRA / LoRA wall time of trainer.train() {recipe_ratio:.3f}")
     for scorer, value in run_ratios.items():
