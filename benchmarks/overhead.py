@@ -10,7 +10,7 @@
    steps: model, adapter, optimizer state and activations, counted by torch's memory profiler
    (plus the weights mapped from the file), so the same every time. The growth of the process's
    peak resident set from after the imports is reported beside it; it also holds memory freed but
-   not returned by the C allocator, which made it swing by several percent between runs.
+   not returned by the C allocator, which made it swing by tens of percent between runs.
 2. Whole SFT runs, wall time of ``trainer.train()``: the default recipe (``alora-sft`` with no
    arguments: the real SmolLM2-135M-Instruct, 30 steps, 4 rounds) with ALoRA (its default scorer)
    vs plain LoRA, alternating — this is ``run_time_ratio``; without ``--quick`` also longer TRL
@@ -118,12 +118,19 @@ def step_worker(setup: str, path: str, args) -> dict:
     return {"precision": setup, "lora_step_seconds": times["lora"], "alora_step_seconds": times["alora"]}
 
 
-def tensor_memory_mib(trace_events: list, training_began: float, model_storages: dict) -> tuple[float, float]:
-    """``(peak, at the start of training)`` of the bytes held by tensors, from a memory-profiled trace:
-    every tensor allocation and free is an event carrying the running total. The model's tensors
-    not allocated inside the trace (weights mapped from the safetensors file) are added from
-    ``model_storages`` ({address: bytes}). Deterministic, unlike the resident set, which also holds
-    freed memory the C allocator has not returned."""
+def tensor_memory_mib(profiler, model_storages: dict) -> tuple[float, float]:
+    """``(peak, at the start of training)`` of the bytes held by tensors, from a memory profile whose
+    training part ran inside ``record_function("training")``: every tensor allocation and free is
+    an event carrying the running total. The model's tensors not allocated inside the profile
+    (weights mapped from the safetensors file) are added from ``model_storages`` ({address: bytes}).
+    Deterministic, unlike the resident set, which also holds freed memory the C allocator has not
+    returned."""
+    with tempfile.TemporaryDirectory() as folder:
+        trace = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(trace)
+        with open(trace) as handle:
+            trace_events = json.load(handle)["traceEvents"]
+    training_began = min(e["ts"] for e in trace_events if e.get("name") == "training")
     events = sorted((e["ts"], e["args"]) for e in trace_events
                     if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
     live: dict[int, int] = {}
@@ -164,11 +171,7 @@ def memory_worker(method: str, setup: str, path: str, args) -> dict:
             for _ in range(args.warmup):
                 step(ids)
     peak_rss = peak_rss_mib()
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        profiler.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
-    began = min(e["ts"] for e in events if e.get("name") == "training")
-    peak, at_start = tensor_memory_mib(events, began, storages)
+    peak, at_start = tensor_memory_mib(profiler, storages)
     return {"method": method, "precision": setup, "peak_rss_mib": peak_rss,
             "model_and_training_mib": peak_rss - rss_libraries, "tensor_peak_mib": peak, "tensor_at_start_mib": at_start}
 
