@@ -222,8 +222,9 @@ def recipe_worker(method: str, args) -> dict:
     from peft_alora.cli.sft import build_trainer
 
     torch.set_num_threads(args.threads)
+    length = ["--max_steps", str(args.recipe_steps)] if args.recipe_steps else []  # default: the recipe's own
     script, training, model, data, alora, _ = parse_args(
-        ["--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true"])
+        ["--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true", *length])
     trainer, *_ = build_trainer(script, training, model, data, alora,
                                 peft_config=get_peft_config(model) if method == "lora" else None)
     seconds, history = timed_training(trainer, method)
@@ -236,7 +237,7 @@ def in_subprocess(kind: str, *fields, args) -> dict:
     command = [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
                "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
-               "--run-hidden", str(args.run_hidden)]
+               "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         raise RuntimeError(f"worker {kind} {fields} failed:\n{done.stderr[-3000:]}")
@@ -269,6 +270,8 @@ def main(argv=None):
     parser.add_argument("--recipe-reps", type=int, default=None,
                         help="runs of the default recipe (alora-sft, SmolLM2) per method, ~1.5-2.5 min each; "
                              "its ratio is run_time_ratio (default 1, 2 without --quick)")
+    parser.add_argument("--recipe-steps", type=int, default=None,
+                        help="train the recipe for this many steps instead of its 30 (its rounds stay at 10%%-40%% of the run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/overhead[_quick].json")
     args = parser.parse_args(argv)

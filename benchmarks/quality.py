@@ -141,11 +141,13 @@ TASKS = {
         {"body.model.layers.0.self_attn.q_proj": 8, "body.model.layers.1.mlp.up_proj": 8,
          "body.model.layers.0.self_attn.v_proj": 6, "body.model.layers.1.self_attn.o_proj": 2},
         strength=4.0, lr=5e-3, steps=(200, 400), batch=16, length=24),
+    # 150 steps at lr 5e-3 (the earlier setting) measured optimisation speed, not allocation: LoRA's KL was
+    # still falling and the oracle only 0.956x LoRA. Recalibrated on LoRA vs the oracle alone (docs/benchmarks.md).
     "minilm": Task(
         "minilm", minilm_student, (1000, 30000), ("query", "value"),
         {"body.encoder.layer.0.attention.self.query": 8, "body.encoder.layer.2.attention.self.value": 8,
          "body.encoder.layer.1.attention.self.query": 3, "body.encoder.layer.1.attention.self.value": 1},
-        strength=3.0, lr=5e-3, steps=(150, 300), batch=8, length=12),
+        strength=3.0, lr=1e-2, steps=(600, 1200), batch=8, length=12),
 }
 
 
@@ -198,6 +200,8 @@ ALORA_VARIANTS = {  # name -> ALoRAConfig overrides ("alora" = the defaults)
     "alora-grad-init": {"regrow_init": "gradient"},   # the default since it was measured better
     "alora-scoring-128": {"scoring_examples": 128},
     "alora-exact": {"scorer": "exact"},                # the reference scorer (the default is the fast one)
+    "alora-rounds-5-20": {"allocation_start": 0.05, "allocation_end": 0.2},   # rounds earlier than the spec's 10%-40%
+    "alora-rounds-10-25": {"allocation_start": 0.1, "allocation_end": 0.25},
 }
 
 
@@ -337,7 +341,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     args.seeds = args.seeds or ([0, 1, 2] if args.quick else [0, 1, 2, 3, 4])
-    args.methods = args.methods or (["lora", "adalora", "alora"] if args.quick else
+    args.methods = args.methods or (["lora", "adalora", "alora", "oracle"] if args.quick else
                                     ["lora", "adalora", "alora", "oracle", "alora-paper", "alora-exact"])
     rows = []
     for task in args.tasks:
