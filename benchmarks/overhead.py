@@ -15,8 +15,11 @@
    arguments: the real SmolLM2-135M-Instruct, 30 steps, 4 rounds) with ALoRA (its default scorer)
    vs plain LoRA, alternating — this is ``run_time_ratio``; without ``--quick`` also longer TRL
    SFTTrainer runs on the offline toy world (8 scoring rounds), ``toy_run_time_ratio_*``.
+   ``--side-by-side`` runs each recipe pair at the same time, one process per core, so that the
+   shared machine's speed changes hit both; ``--recipe-steps`` trains the recipe longer.
 
     python benchmarks/overhead.py --quick      # < 10 min on 2 CPU cores
+    python benchmarks/overhead.py --reps 0 --run-reps 0 --recipe-steps 120 --side-by-side  # a longer recipe
 
 Prints a table, writes benchmarks/results/overhead.json (overhead_quick.json with --quick); the last line is one JSON object with
 step_time_ratio, peak_memory_ratio and run_time_ratio (ALoRA / LoRA; the step and memory ratios
@@ -233,15 +236,46 @@ def recipe_worker(method: str, args) -> dict:
             "final_train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
+def _worker_command(kind: str, fields, args) -> list:
+    return [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
+            "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
+            str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
+            "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0)]
+
+
+def _worker_result(kind: str, fields, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        raise RuntimeError(f"worker {kind} {fields} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# glibc malloc keeps what it frees (no mmap, no trim) in the recipe workers. With its defaults, the large
+# tensors of a step come from fresh pages (page faults) until something grows and fragments the heap:
+# ALoRA's first scoring round does, and its later steps ran 1.5x faster than LoRA's (3.1 -> 2.0 s on
+# SmolLM2, same ops; LoRA runs at 2.0 s with these settings too). They make both runs' steps equal, so
+# the ratio is the cost of the allocation rounds. Ignored where the C library is not glibc.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
+def _worker_env(kind: str) -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **(KEEP_FREED_MEMORY if kind == "recipe" else {})}
+
+
 def in_subprocess(kind: str, *fields, args) -> dict:
-    command = [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
-               "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
-               "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {kind} {fields} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(_worker_command(kind, fields, args), capture_output=True, text=True, env=_worker_env(kind))
+    return _worker_result(kind, fields, done.returncode, done.stdout, done.stderr)
+
+
+def side_by_side(kind: str, methods, args) -> list[dict]:
+    """One worker per method, all at once (one core each): a shared machine's speed changes then hit
+    every method alike, which one-after-the-other runs cannot promise (seen: 2.0 vs 2.9 s per step)."""
+    running = [(m, subprocess.Popen(_worker_command(kind, (m,), args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=_worker_env(kind))) for m in methods]
+    results = []
+    for method, process in running:
+        stdout, stderr = process.communicate()
+        results.append(_worker_result(kind, (method,), process.returncode, stdout, stderr))
+    return results
 
 
 def ratio(rows, key, **where) -> float:
@@ -272,6 +306,8 @@ def main(argv=None):
                              "its ratio is run_time_ratio (default 1, 2 without --quick)")
     parser.add_argument("--recipe-steps", type=int, default=None,
                         help="train the recipe for this many steps instead of its 30 (its rounds stay at 10%%-40%% of the run)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run each LoRA/ALoRA recipe pair at the same time, one process per core")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/overhead[_quick].json")
     args = parser.parse_args(argv)
@@ -324,8 +360,12 @@ def main(argv=None):
 
     recipes = []
     for rep in range(args.recipe_reps):
-        for method in (("lora", "alora") if rep % 2 == 0 else ("alora", "lora")):
-            row = in_subprocess("recipe", method, args=args)
+        order = ("lora", "alora") if rep % 2 == 0 else ("alora", "lora")
+        rows = side_by_side("recipe", order, args) if args.side_by_side else [
+            in_subprocess("recipe", method, args=args) for method in order]
+        for method, row in zip(order, rows):
+            row["side_by_side"] = args.side_by_side
+            row["malloc_env"] = KEEP_FREED_MEMORY
             recipes.append(row)
             print(f"default recipe {method:6} rep {rep}: {row['run_seconds']:.1f}s for {row['steps']} steps "
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)

@@ -8,6 +8,7 @@ match on the 80 test questions after training, per seed; median over seeds.
 
     python benchmarks/quality_sft.py                   # 3 seeds x 3 methods, ~3-4 min per run on one core
     python benchmarks/quality_sft.py --max-steps 15    # a shorter run, where the task is not yet solved
+    python benchmarks/quality_sft.py --methods alora --alora-flags="--allocation_end 0.2"  # an ALoRA variant
 
 Writes benchmarks/results/quality_sft.json; the last line is one JSON object with
 ``eval_loss_ratio_alora_vs_lora`` and ``eval_loss_ratio_alora_vs_adalora`` (medians over seeds).
@@ -76,6 +77,8 @@ def active_ranks(model, method: str) -> int:
 def run(method: str, seed: int, args) -> dict:
     flags = ["--output_dir", tempfile.mkdtemp(prefix=f"quality-sft-{method}-"), "--seed", str(seed),
              "--disable_tqdm", "true", "--max_steps", str(args.max_steps)]
+    if method == "alora":
+        flags += args.alora_flags.split()  # e.g. "--allocation_end 0.2": a variant of the recipe's ALoRA
     script, training, model_args, data, alora, _ = parse_args(flags)
     trainer, *_ = build_trainer(script, training, model_args, data, alora,
                                 peft_config=adapter(method, model_args, args.max_steps))
@@ -96,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-steps", type=int, default=30, help="the recipe's 30 by default")
+    parser.add_argument("--alora-flags", default="",
+                        help="alora-sft flags for the ALoRA runs only (give them after '='), "
+                             'e.g. --alora-flags="--allocation_start 0.05 --allocation_end 0.2"')
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "quality_sft.json"))
     args = parser.parse_args(argv)
