@@ -15,8 +15,9 @@
    arguments: the real SmolLM2-135M-Instruct, 30 steps, 4 rounds) with ALoRA (its default scorer)
    vs plain LoRA, alternating — this is ``run_time_ratio``; without ``--quick`` also longer TRL
    SFTTrainer runs on the offline toy world (8 scoring rounds), ``toy_run_time_ratio_*``.
-   ``--side-by-side`` runs each recipe pair at the same time, one process per core, so that the
-   shared machine's speed changes hit both; ``--recipe-steps`` trains the recipe longer.
+   Recipe workers run with glibc malloc keeping freed memory (``KEEP_FREED_MEMORY``), so that both
+   methods' steps run at the same speed. ``--side-by-side`` runs each recipe pair at the same time,
+   one process per core, so that other jobs' load hits both; ``--recipe-steps`` trains it longer.
 
     python benchmarks/overhead.py --quick      # < 10 min on 2 CPU cores
     python benchmarks/overhead.py --reps 0 --run-reps 0 --recipe-steps 120 --side-by-side  # a longer recipe
@@ -267,8 +268,8 @@ def in_subprocess(kind: str, *fields, args) -> dict:
 
 
 def side_by_side(kind: str, methods, args) -> list[dict]:
-    """One worker per method, all at once (one core each): a shared machine's speed changes then hit
-    every method alike, which one-after-the-other runs cannot promise (seen: 2.0 vs 2.9 s per step)."""
+    """One worker per method, all at once (one core each): load from other jobs on a shared machine then
+    hits every method alike, which one-after-the-other runs cannot promise."""
     running = [(m, subprocess.Popen(_worker_command(kind, (m,), args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env=_worker_env(kind))) for m in methods]
     results = []
