@@ -30,6 +30,15 @@ def world() -> tuple[int, int]:
     return 1, 0
 
 
+def leave_process_group() -> None:
+    """At the end of a run: wait for every process, then tear the process group down before the
+    interpreter exits. Left to interpreter exit, gloo's threads aborted a finished process once in CI
+    ("terminate called without an active exception", SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _on_backend_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device) if torch.distributed.get_backend() == "nccl" else tensor.cpu()
 

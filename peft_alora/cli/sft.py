@@ -18,6 +18,7 @@ from pathlib import Path
 from trl import SFTTrainer, get_dataset, get_quantization_config
 
 from ..callback import ALoRACallback
+from ..distributed import leave_process_group
 from .args import parse_args
 from .evaluation import loss_and_exact_match, shown_generations
 from .outputs import save_outputs
@@ -143,6 +144,8 @@ def cli(args=None):
 
     parsed = parse_args(args)
     try:
-        return main(*parsed)
+        summary = main(*parsed)
     except DefaultModelUnavailable as error:  # an install step, not a bug: no traceback
         raise SystemExit(f"alora-sft: error: {error}") from None
+    leave_process_group()
+    return summary

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import peft_alora  # noqa: E402
 from peft_alora.callback import ALoRACallback  # noqa: E402
-from peft_alora.distributed import full  # noqa: E402
+from peft_alora.distributed import full, leave_process_group  # noqa: E402
 from peft_alora.toy import toy_dataset, toy_llama, toy_tokenizer  # noqa: E402
 
 SEED = 3
@@ -184,6 +184,7 @@ def main(argv=None):
     save_file(adapter_tensors(trainer.model), os.path.join(args.output_dir, f"adapter_rank{rank}.safetensors"))
     with open(os.path.join(args.output_dir, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
+    leave_process_group()
 
 
 if __name__ == "__main__":
