@@ -15,7 +15,7 @@
    arguments: the real SmolLM2-135M-Instruct, 30 steps, 4 rounds) with ALoRA (its default scorer)
    vs plain LoRA, alternating — this is ``run_time_ratio``; without ``--quick`` also longer TRL
    SFTTrainer runs on the offline toy world (8 scoring rounds), ``toy_run_time_ratio_*``.
-   Recipe workers run with glibc malloc keeping freed memory (``KEEP_FREED_MEMORY``), so that both
+   Whole-run workers run with glibc malloc keeping freed memory (``KEEP_FREED_MEMORY``), so that both
    methods' steps run at the same speed. ``--side-by-side`` runs each recipe pair at the same time,
    one process per core, so that other jobs' load hits both; ``--recipe-steps`` trains it longer.
 
@@ -250,7 +250,7 @@ def _worker_result(kind: str, fields, returncode: int, stdout: str, stderr: str)
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-# glibc malloc keeps what it frees (no mmap, no trim) in the recipe workers. With its defaults, the large
+# glibc malloc keeps what it frees (no mmap, no trim) in the whole-run workers (recipe and toy runs). With its defaults, the large
 # tensors of a step come from fresh pages (page faults) until something grows and fragments the heap:
 # ALoRA's first scoring round does, and its later steps ran 1.5x faster than LoRA's (3.1 -> 2.0 s on
 # SmolLM2, same ops; LoRA runs at 2.0 s with these settings too). They make both runs' steps equal, so
@@ -258,8 +258,11 @@ def _worker_result(kind: str, fields, returncode: int, stdout: str, stderr: str)
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
+WHOLE_RUNS = ("recipe", "run")  # the workers that time a whole SFT run, scoring rounds included
+
+
 def _worker_env(kind: str) -> dict:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", **(KEEP_FREED_MEMORY if kind == "recipe" else {})}
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **(KEEP_FREED_MEMORY if kind in WHOLE_RUNS else {})}
 
 
 def in_subprocess(kind: str, *fields, args) -> dict:
