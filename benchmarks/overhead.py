@@ -369,7 +369,6 @@ def main(argv=None):
             in_subprocess("recipe", method, args=args) for method in order]
         for method, row in zip(order, rows):
             row["side_by_side"] = args.side_by_side
-            row["malloc_env"] = KEEP_FREED_MEMORY
             recipes.append(row)
             print(f"default recipe {method:6} rep {rep}: {row['run_seconds']:.1f}s for {row['steps']} steps "
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
@@ -422,7 +421,8 @@ def main(argv=None):
                 **{f"peak_memory_ratio_{p}": round(t["peak_memory_ratio"], 4) for p, t in table.items()}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
-        json.dump({"settings": vars(args), "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
+        json.dump({"settings": vars(args), "whole_run_env": KEEP_FREED_MEMORY,
+                   "machine": f"{os.cpu_count()}-core CPU, torch threads {args.threads}",
                    "steps": steps, "memory": memory, "runs": runs, "recipes": recipes, "table": table, "headline": headline}, handle, indent=1)
     print(f"wrote {args.out}")
     print(json.dumps(headline))
