@@ -105,6 +105,10 @@ def test_scoring_is_split_over_the_processes(runs):
         else:
             assert 7 <= mine + theirs <= 2 * 7
         assert abs(mine - theirs) <= 1
+    # the block outputs exact passes start from: one recording per round at the current gates (and, for the
+    # exact scorer's "only rho" passes, one of the base model per run), not one per share of ranks
+    for result in (r0, r1):
+        assert result["prefix_records_here"] <= len(result["ranks_scored_here"]) + (scorer == "exact")
 
 
 def test_two_processes_decide_like_one(runs):

@@ -91,6 +91,31 @@ def test_refinement_rescores_the_lowest_ranks_exactly(torch_single_thread):
     assert set(changed) == set(sorted(ranks, key=lambda r: first_order[r])[:len(changed)])  # the lowest estimates
 
 
+def test_refinement_records_the_current_blocks_once_per_round_under_several_processes(torch_single_thread,
+                                                                                      monkeypatch):
+    """Under DDP the gradient pass sees a share of the scoring batches, so the block outputs the exact
+    passes start from are recorded afterwards: once, however many chunks the lazy refinement takes."""
+    import peft_alora.scoring.fast as fast
+    from peft_alora.scoring.prefix import PrefixCache
+
+    model = _model([1e-3, 3e-2, 1e-1])
+    scoring, _, _ = _scoring_set()
+    layers, ranks = _ranks(model)
+    alone = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=9)
+    records = []
+    record = PrefixCache.record.__func__
+    monkeypatch.setattr(PrefixCache, "record", classmethod(lambda cls, *a, **k: records.append(1) or record(cls, *a, **k)))
+    monkeypatch.setattr(fast, "world", lambda: (2, 0))  # chunks of 2 ranks, no recording in the gradient pass
+    monkeypatch.setattr(fast, "BOUND_SLACK", 1e9)  # never settled early: every chunk up to the limit runs
+    calls = []
+    exact = fast.distributed_exact_scores
+    monkeypatch.setattr(fast, "distributed_exact_scores", lambda *a, **k: calls.append(1) or exact(*a, **k))
+    shared = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=9)
+    assert len(calls) == 4  # 3 ranks, then chunks of 2: 5, 7, 9
+    assert len(records) == 1
+    assert shared == alone  # the same bits as one process, whose gradient pass recorded the blocks
+
+
 ESTIMATES = {("a", 0): 0.0, ("a", 1): 1.0, ("b", 0): 2.0, ("b", 1): 10.0, ("c", 0): 1.0}
 
 

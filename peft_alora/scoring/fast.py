@@ -194,6 +194,15 @@ def refine_lazily(estimates: Mapping[Rank, float], n_prune: int, limit: int,
     return refined
 
 
+def current_prefix(model, layers, scoring: ScoringSet) -> Optional[PrefixCache]:
+    """Block outputs at the current gates on the whole scoring set (None: no repeated blocks to skip)."""
+    blocks = decoder_blocks(model, layers)[0]
+    if blocks is None:
+        return None
+    with eval_mode(model):
+        return PrefixCache.record(model, blocks, scoring)
+
+
 def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune: Optional[int] = None,
                 refine: Optional[int] = None) -> dict[Rank, float]:
     """Taylor scores of every rank; for up to ``refine`` (default ``config.scoring_refine``) of the
@@ -212,12 +221,14 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
     terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0)
     scores = terms.scores()
     if refine > 0:
-        bar = progress
+        bar, current = progress, terms.prefix
 
         def rescore(chosen):  # a progress bar for the first chunk only: later ones are a rank or two each
-            nonlocal bar
+            nonlocal bar, current
+            if current is None:  # several processes: the gradient pass saw a share of the batches
+                current = current_prefix(model, layers, scoring)  # once per round, not once per chunk
             without = distributed_exact_scores(model, layers, adapter, scoring, chosen, progress=bar,
-                                               parts=("without",), current=terms.prefix)
+                                               parts=("without",), current=current)
             bar = None
             return {rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in chosen}
         scores.update(refine_lazily(scores, n_prune if n_prune is not None else refine, refine, rescore,

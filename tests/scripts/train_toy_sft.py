@@ -171,6 +171,18 @@ def main(argv=None):
 
     scoring_module.exact_scores = counting_exact_scores
 
+    # count the full scoring passes that record block outputs (prefix.py): at most one per round is needed
+    from peft_alora.scoring.prefix import PrefixCache
+
+    prefix_records = []
+    record = PrefixCache.record.__func__
+
+    def counting_record(cls, *rest, **kwargs):
+        prefix_records.append(1)
+        return record(cls, *rest, **kwargs)
+
+    PrefixCache.record = classmethod(counting_record)
+
     trainer, callback = build_trainer(args.output_dir, args.per_device_batch, args.grad_accum, args.max_steps,
                                       args.save_steps, logging_steps=args.logging_steps,
                                       bf16=args.bf16, alora={"scorer": args.scorer}, qlora=args.qlora,
@@ -179,6 +191,7 @@ def main(argv=None):
     rank = trainer.args.process_index
     result = collect(trainer, callback)
     result["ranks_scored_here"] = scored_here
+    result["prefix_records_here"] = len(prefix_records)
     from safetensors.torch import save_file
 
     save_file(adapter_tensors(trainer.model), os.path.join(args.output_dir, f"adapter_rank{rank}.safetensors"))
