@@ -415,6 +415,7 @@ def main(argv=None):
                              "--rounds, --start, --end, --lr) instead of the other measurements")
     parser.add_argument("--noise-sample", type=int, default=24,
                         help="ranks whose exact score is also taken in bf16 in the last round (0: none)")
+    parser.add_argument("--out", default=None, help="--in-run: result file (default results/scoring_smollm2_in_run.json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -422,10 +423,11 @@ def main(argv=None):
         args.refine = [default_refine(7), 0]  # the library's default for 7 module types (7 pruned per round)
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
-    out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"}
+    out = {"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU",
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     if args.model == "smollm2" and args.in_run:
         out["in_run"] = real_rounds(args)
-        (RESULTS / "scoring_smollm2_in_run.json").write_text(json.dumps(out, indent=1))
+        Path(args.out or RESULTS / "scoring_smollm2_in_run.json").write_text(json.dumps(out, indent=1))
         return
     if args.model == "smollm2":
         if not args.skip_costs:
