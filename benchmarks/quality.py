@@ -261,7 +261,7 @@ def train(method: str, task: Task, seed: int, args) -> dict:
     model = get_peft_model(base, peft_config(method, task, args.r, steps, modules))
     tuner = model.base_model
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=task.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=task.lr * args.lr_scale, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
     allocator = None
     if method in ALORA_VARIANTS:
@@ -334,6 +334,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per task)")
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=128)
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="every method's learning rate times this")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/quality[_quick].json")
     args = parser.parse_args(argv)

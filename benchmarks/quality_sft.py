@@ -4,11 +4,14 @@ The run of ``alora-sft`` with no arguments (the real SmolLM2-135M-Instruct, the 
 task, r=8 on all linear layers, 30 steps), with only the adapter changed: uniform LoRA from the
 same ModelConfig, AdaLoRA (init_r = 2r pruned to target_r = r, its cubic schedule: warm-up 10%,
 final budget for the last 30%), and ALoRA with its callback and defaults. Held-out loss and exact
-match on the 80 test questions after training, per seed; median over seeds.
+match on the 80 test questions after training, per seed; median over seeds. ALoRA scores its ranks
+on 16 of those rows (the recipe's scoring set, drawn from the eval split), so every method is also
+measured on the 64 other rows ("unseen"): the fair comparison.
 
     python benchmarks/quality_sft.py                   # 3 seeds x 3 methods, ~3-4 min per run on one core
     python benchmarks/quality_sft.py --max-steps 15    # a shorter run, where the task is not yet solved
     python benchmarks/quality_sft.py --methods alora --alora-flags="--allocation_end 0.2"  # an ALoRA variant
+    python benchmarks/quality_sft.py --methods adalora --adalora-flags="--learning_rate 1e-2"  # AdaLoRA at another lr
 
 Writes benchmarks/results/quality_sft.json; the last line is one JSON object with
 ``eval_loss_ratio_alora_vs_lora`` and ``eval_loss_ratio_alora_vs_adalora`` (medians over seeds).
@@ -74,11 +77,27 @@ def active_ranks(model, method: str) -> int:
                if hasattr(m, "lora_A") and "default" in m.lora_A)
 
 
+def scoring_rows(dataset, n_examples: int, seed: int) -> set:
+    """The rows of ``dataset`` ALoRACallback scores on with this seed (its draw in ``build_scoring_set``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return set(torch.randperm(len(dataset), generator=generator)[:n_examples].tolist())
+
+
+def recipe_scoring_examples() -> int:
+    """The recipe's scoring-set size (the same rows are left out for every method, to compare alike)."""
+    _, _, _, _, alora, _ = parse_args([])
+    return alora.scoring_examples
+
+
 def run(method: str, seed: int, args) -> dict:
     flags = ["--output_dir", tempfile.mkdtemp(prefix=f"quality-sft-{method}-"), "--seed", str(seed),
              "--disable_tqdm", "true", "--max_steps", str(args.max_steps)]
+    if args.learning_rate is not None:
+        flags += ["--learning_rate", str(args.learning_rate)]
     if method == "alora":
         flags += args.alora_flags.split()  # e.g. "--allocation_end 0.2": a variant of the recipe's ALoRA
+    if method == "adalora":
+        flags += args.adalora_flags.split()  # e.g. "--learning_rate 1e-2"
     script, training, model_args, data, alora, _ = parse_args(flags)
     trainer, *_ = build_trainer(script, training, model_args, data, alora,
                                 peft_config=adapter(method, model_args, args.max_steps))
@@ -90,7 +109,16 @@ def run(method: str, seed: int, args) -> dict:
     trainer.train()
     seconds = time.perf_counter() - started
     after = loss_and_exact_match(trainer, desc="eval")
+    # ALoRA scores ranks (and aims regrown ones) on scoring_examples rows of the eval split: every method is
+    # also measured on the other rows, which no method has seen (the callback's own seeded draw)
+    scored = scoring_rows(trainer.eval_dataset, args.scoring_examples, seed)
+    full_eval = trainer.eval_dataset
+    trainer.eval_dataset = full_eval.select([i for i in range(len(full_eval)) if i not in scored])
+    unseen = loss_and_exact_match(trainer, desc="eval (rows not scored on)")
+    trainer.eval_dataset = full_eval
     return {"method": method, "seed": seed, "eval_loss": after["eval_loss"], "exact_match": after["exact_match"],
+            "eval_loss_unseen": unseen["eval_loss"], "exact_match_unseen": unseen["exact_match"],
+            "unseen_rows": unseen["exact_match_examples"],
             "active_ranks": active_ranks(trainer.model, method), "train_seconds": seconds}
 
 
@@ -99,37 +127,49 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-steps", type=int, default=30, help="the recipe's 30 by default")
+    parser.add_argument("--learning-rate", type=float, default=None, help="every method's (default: the recipe's)")
     parser.add_argument("--alora-flags", default="",
                         help="alora-sft flags for the ALoRA runs only (give them after '='), "
                              'e.g. --alora-flags="--allocation_start 0.05 --allocation_end 0.2"')
+    parser.add_argument("--adalora-flags", default="",
+                        help='alora-sft flags for the AdaLoRA runs only, e.g. --adalora-flags="--learning_rate 1e-2"')
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "quality_sft.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.scoring_examples = recipe_scoring_examples()  # before any trainer: parsing resets accelerate's state
     rows = []
     for seed in args.seeds:
         for method in args.methods:
             row = run(method, seed, args)
             rows.append(row)
             print(f"seed {seed} {method:8} eval loss {row['eval_loss']:.4f} exact match {row['exact_match']:.3f} "
+                  f"(rows not scored on: {row['eval_loss_unseen']:.4f}, {row['exact_match_unseen']:.3f}) "
                   f"active ranks {row['active_ranks']} train {row['train_seconds']:.0f}s", flush=True)
     summary = {}
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
         summary[method] = {"eval_loss_median": statistics.median(r["eval_loss"] for r in mine),
                            "eval_loss_range": [min(r["eval_loss"] for r in mine), max(r["eval_loss"] for r in mine)],
-                           "exact_match_median": statistics.median(r["exact_match"] for r in mine)}
+                           "exact_match_median": statistics.median(r["exact_match"] for r in mine),
+                           "eval_loss_unseen_median": statistics.median(r["eval_loss_unseen"] for r in mine),
+                           "exact_match_unseen_median": statistics.median(r["exact_match_unseen"] for r in mine)}
     print(f"\n{'method':8} {'eval loss (median, range)':>32} {'exact match':>12}")
     for method, s in summary.items():
         low, high = s["eval_loss_range"]
         print(f"{method:8} {s['eval_loss_median']:12.4f} ({low:.4f}-{high:.4f}) {s['exact_match_median']:12.3f}")
-    line = {"max_steps": args.max_steps, "seeds": len(args.seeds)}
+    line = {"max_steps": args.max_steps, "seeds": len(args.seeds), "learning_rate": args.learning_rate}
     for other in ("lora", "adalora"):
         if "alora" in summary and other in summary:
             line[f"eval_loss_ratio_alora_vs_{other}"] = summary["alora"]["eval_loss_median"] / summary[other]["eval_loss_median"]
             per_seed = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == other}
             line[f"seeds_alora_worse_than_{other}"] = sum(
                 r["eval_loss"] > per_seed[r["seed"]] for r in rows if r["method"] == "alora")
+            line[f"unseen_eval_loss_ratio_alora_vs_{other}"] = (summary["alora"]["eval_loss_unseen_median"]
+                                                                / summary[other]["eval_loss_unseen_median"])
+            unseen = {r["seed"]: r["eval_loss_unseen"] for r in rows if r["method"] == other}
+            line[f"unseen_seeds_alora_worse_than_{other}"] = sum(
+                r["eval_loss_unseen"] > unseen[r["seed"]] for r in rows if r["method"] == "alora")
     RESULTS.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, no GPU",
                                           "rows": rows, "summary": summary, "headline": line}, indent=1))

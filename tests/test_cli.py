@@ -46,7 +46,7 @@ def test_flags_override_the_recipe():
     _, training, model, _, alora, _ = parse_args(["--config", CPU_RECIPE, "--max_steps", "7", "--lora_r", "4",
                                                   "--allocation_end", "None", "--allocation_interval", "3"])
     config = alora.to_config(model)
-    assert training.max_steps == 7 and training.learning_rate == 1e-3  # flag, and the recipe's value
+    assert training.max_steps == 7 and training.learning_rate == 3e-3  # flag, and the recipe's value
     assert (config.r, config.allocation_end, config.allocation_interval) == (4, None, 3)
     assert (config.scoring_refine, config.regrow_init) == (None, "gradient")  # the library's defaults
     _, _, model, _, alora, _ = parse_args(["--scoring_refine", "0", "--regrow_init", "random"])

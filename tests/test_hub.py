@@ -43,7 +43,7 @@ def test_card_says_peft_base_model_ranks_results_and_loading(alora_sft_run):
     before, after = summary["before"], summary["after"]
     assert f"| eval loss | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |" in card
     assert f"| {before['exact_match']:.3f} | {after['exact_match']:.3f} |" in card
-    assert "| learning_rate | `0.001` |" in card and "| allocation_rounds | `2` |" in card
+    assert "| learning_rate | `0.003` |" in card and "| allocation_rounds | `2` |" in card
     assert f'PeftModel.from_pretrained(base, "{TINY_RUN_REPO}")' in card
     assert 'subfolder="alora"' in card and "import peft_alora" in card
     assert "LoRARequest" in card and "enable_lora=True" in card
