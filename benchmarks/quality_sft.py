@@ -38,6 +38,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
 from peft_alora import ALoRACallback  # noqa: E402
+from peft_alora.callback import scoring_indices  # noqa: E402
 from peft_alora.cli.args import parse_args  # noqa: E402
 from peft_alora.cli.evaluation import loss_and_exact_match  # noqa: E402
 from peft_alora.cli.sft import build_trainer  # noqa: E402
@@ -77,12 +78,6 @@ def active_ranks(model, method: str) -> int:
                if hasattr(m, "lora_A") and "default" in m.lora_A)
 
 
-def scoring_rows(dataset, n_examples: int, seed: int) -> set:
-    """The rows of ``dataset`` ALoRACallback scores on with this seed (its draw in ``build_scoring_set``)."""
-    generator = torch.Generator().manual_seed(seed)
-    return set(torch.randperm(len(dataset), generator=generator)[:n_examples].tolist())
-
-
 def recipe_scoring_examples() -> int:
     """The recipe's scoring-set size (the same rows are left out for every method, to compare alike)."""
     _, _, _, _, alora, _ = parse_args([])
@@ -111,7 +106,7 @@ def run(method: str, seed: int, args) -> dict:
     after = loss_and_exact_match(trainer, desc="eval")
     # ALoRA scores ranks (and aims regrown ones) on scoring_examples rows of the eval split: every method is
     # also measured on the other rows, which no method has seen (the callback's own seeded draw)
-    scored = scoring_rows(trainer.eval_dataset, args.scoring_examples, seed)
+    scored = set(scoring_indices(len(trainer.eval_dataset), args.scoring_examples, seed))
     full_eval = trainer.eval_dataset
     trainer.eval_dataset = full_eval.select([i for i in range(len(full_eval)) if i not in scored])
     unseen = loss_and_exact_match(trainer, desc="eval (rows not scored on)")

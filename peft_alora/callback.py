@@ -40,6 +40,12 @@ def _prepared(trainer, dataset):
                    "alora_scoring")
 
 
+def scoring_indices(n_rows: int, n_examples: int, seed: int) -> list[int]:
+    """The rows of a map-style dataset of ``n_rows`` that the scoring set takes with this seed (sorted)."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_rows, generator=generator)[:n_examples].tolist())
+
+
 def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: int) -> ScoringSet:
     """Draw ``n_examples`` once (seeded) and collate them with the trainer's own collator.
 
@@ -65,8 +71,7 @@ def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: 
         examples = list(itertools.islice(dataset, n_examples))
         collator = trainer._get_collator_with_removed_columns(collator, description="ALoRA scoring")
     else:
-        generator = torch.Generator().manual_seed(seed)
-        indices = sorted(torch.randperm(len(dataset), generator=generator)[:n_examples].tolist())
+        indices = scoring_indices(len(dataset), n_examples, seed)
         if hasattr(dataset, "select"):  # datasets.Dataset: drop the columns the model does not take
             subset = trainer._remove_unused_columns(dataset.select(indices), description="ALoRA scoring")
             examples = [subset[i] for i in range(len(subset))]
