@@ -78,9 +78,10 @@ def active_ranks(model, method: str) -> int:
                if hasattr(m, "lora_A") and "default" in m.lora_A)
 
 
-def recipe_scoring_examples() -> int:
-    """The recipe's scoring-set size (the same rows are left out for every method, to compare alike)."""
-    _, _, _, _, alora, _ = parse_args([])
+def alora_scoring_examples(alora_flags: str) -> int:
+    """The ALoRA runs' scoring-set size, ``--alora-flags`` included (the same rows are left out for every
+    method, to compare alike)."""
+    _, _, _, _, alora, _ = parse_args(alora_flags.split())
     return alora.scoring_examples
 
 
@@ -132,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "quality_sft.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.scoring_examples = recipe_scoring_examples()  # before any trainer: parsing resets accelerate's state
+    args.scoring_examples = alora_scoring_examples(args.alora_flags)  # before any trainer: parsing resets accelerate
     rows = []
     for seed in args.seeds:
         for method in args.methods:

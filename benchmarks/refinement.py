@@ -58,7 +58,7 @@ def logged_run(seed: int) -> list[dict]:
         for k, sample in head.items():  # the first k examples: loss, and per rank [exact without, first-order removal]
             part = taylor_terms(model, layers, adapter, sample, ranks)
             cut = exact_scores(model, layers, adapter, sample, ranks, parts=("without",))
-            rounds[-1]["sampled"][k] = {"loss": part.loss, "ranks": {f"{m}:{s}": [cut[(m, s)], part.removal[(m, s)]]
+            rounds[-1]["sampled"][str(k)] = {"loss": part.loss, "ranks": {f"{m}:{s}": [cut[(m, s)], part.removal[(m, s)]]
                                                                     for m, s in ranks}}
         print(f"seed {seed} round {len(rounds)} logged", flush=True)
         return {r: without[r] - only[r] for r in ranks}
@@ -155,7 +155,6 @@ def main(argv=None):
         print(f"lazy refinement (at most {2 * N_PRUNE}), {'size-scaled bound (default)' if scaled else 'one bound'}: "
               f"{agree}/{len(rounds)} rounds agree, {sum(counts) / len(counts):.1f} ranks re-scored on average "
               f"({min(counts)}-{max(counts)})")
-    rounds = json.loads(json.dumps(rounds))  # sample sizes as JSON keys, as they are read back
     sampled = {}
     for k in SAMPLES:
         for corrected in (True, False):

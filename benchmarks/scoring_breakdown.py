@@ -17,24 +17,17 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scoring import RESULTS, smollm2_setup  # noqa: E402
+from scoring import RESULTS, smollm2_setup, timed  # noqa: E402
 
 from peft_alora.scoring.common import scoring_loss  # noqa: E402
 from peft_alora.scoring.exact import exact_scores  # noqa: E402
 from peft_alora.scoring.fast import taylor_terms  # noqa: E402
 from peft_alora.scoring.prefix import PrefixCache, decoder_blocks  # noqa: E402
-
-
-def seconds(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def main(argv=None):
@@ -81,10 +74,10 @@ def main(argv=None):
     times = {name: [] for name in items}
     steps = []
     for rep in range(args.repeats):  # a training step before and after each repetition's items
-        steps.append(seconds(train_step))
+        steps += timed(train_step, 1)[0]
         for name, fn in items.items():
-            times[name].append(seconds(fn))
-        steps.append(seconds(train_step))
+            times[name] += timed(fn, 1)[0]
+        steps += timed(train_step, 1)[0]
         print(f"rep {rep}: " + ", ".join(f"{name} {times[name][-1]:.1f}s" for name in items), flush=True)
     step = statistics.median(steps)
     table = {name: {"seconds": statistics.median(t), "training_steps": statistics.median(t) / step}
