@@ -23,7 +23,6 @@ from .optim_state import reset_slots
 from .regrowth import gradient_directions
 from .report import split_module_name
 from .scoring import SCORERS, ScoringSet, eval_mode, scoring_loss
-from .scoring.gradient_sketch import GradientSketch
 
 STATE_VERSION = 2
 logger = logging.getLogger(__name__)
@@ -250,26 +249,18 @@ class RankAllocator:
             raise ValueError("ALoRA cannot score while the adapters are disabled (disable_adapter()): "
                              "leave that context before training/allocating.")
 
-    def score(self, out: Optional[dict] = None) -> dict:
-        """Scores of every active rank; ``out`` receives the scorer's reusable by-products (``scoring/__init__.py``)."""
+    def score(self) -> dict:
         active = self.active_slots()
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
         return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config,
-                      n_prune=self.ranks_per_round, out=out)
+                      n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
-        """Score, prune and regrow. The record's ``scoring_loss`` is the scoring loss the round scored at
-        (before its pruning; the new ranks, B = 0, do not change the output)."""
         self.check_ready(optimizer)
         started = time.perf_counter()
-        reused: dict = {}
-        scores = self.score(reused)
+        scores = self.score()
         release_gathered(self.model)
-        loss = reused.get("loss")
-        if loss is None:  # the scorer did not measure it (exact scorer): one no-grad pass
-            with eval_mode(self.model):
-                loss = scoring_loss(self.model, self.scoring)
         seconds = time.perf_counter() - started
         active = self.active_slots()
         capacity = {name: layer.capacity(self.adapter) for name, layer in self.layers.items()}
@@ -286,7 +277,10 @@ class RankAllocator:
                          f"the rank budget drops from {self.budget} to {budget}. Raise max_r or lower "
                          "ranks_per_round to keep it.")
             self.budget = budget
-        grown_slots = self.apply(plan, optimizer, round_index=round_index, sketch=reused.get("gradient_sketch"))
+        grown_slots, loss = self.apply(plan, optimizer, round_index=round_index)
+        if loss is None:  # not measured by the regrowth pass
+            with eval_mode(self.model):
+                loss = scoring_loss(self.model, self.scoring)
         release_gathered(self.model)
         self.rounds_done = round_index
         record = self._record(round_index, global_step, plan, seconds, loss, grown_slots)
@@ -294,24 +288,18 @@ class RankAllocator:
         self.history.append(record)
         return record
 
-    def apply(self, plan: RoundPlan, optimizer=None, round_index: int = 0,
-              sketch: Optional[GradientSketch] = None) -> list[tuple[str, int]]:
+    def apply(self, plan: RoundPlan, optimizer=None, round_index: int = 0) -> tuple[list[tuple[str, int]], Optional[float]]:
         """Switch pruned slots off; switch the lowest free slots of growing modules on, freshly
         initialised from a generator seeded by (seed, round), so every process draws the same.
-        Returns the grown slots.
 
-        With ``regrow_init="gradient"`` the new A rows come from ``sketch`` (the fast scorer's, taken
-        on this round's gradient pass) or, without one, from a gradient pass over the scoring set
-        after the pruning (``regrowth.gradient_directions``)."""
+        Returns the grown slots and, when gradient regrowth ran its pass over the scoring set, the
+        scoring loss after the round (the new ranks do not change the output)."""
         pruned = set(plan.pruned)
         for module, slot in plan.pruned:
             self.layers[module].deactivate_slot(self.adapter, slot)
-        directions = {}
+        directions, loss = {}, None
         if self.config.regrow_init == "gradient" and plan.grown:
-            if sketch is not None:
-                directions = sketch.directions(self.layers, self.adapter, plan.grown)
-            else:
-                directions, _ = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
+            directions, loss = gradient_directions(self.model, self.layers, self.adapter, plan.grown, self.scoring)
             release_gathered(self.model)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         grown = []
@@ -325,4 +313,4 @@ class RankAllocator:
                 layer.activate_slot(self.adapter, slot, generator=generator, direction=direction)
                 reset_slots(optimizer, layer, self.adapter, slot)
                 grown.append((module, slot))
-        return grown
+        return grown, loss

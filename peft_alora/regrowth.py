@@ -13,12 +13,11 @@ from typing import Mapping
 
 import torch
 
-from .distributed import sum_across_processes, world
+from .distributed import full, sum_across_processes, world
 from .scoring.base_gradient import BaseGradients
 from .scoring.common import ScoringSet, eval_mode, model_device
 from .scoring.exact import GateEditor
 from .scoring.fast import gate_gradients
-from .scoring.gradient_sketch import leading_new_directions
 
 
 def _weight_gradients(model, layers: Mapping[str, torch.nn.Module], scoring: ScoringSet,
@@ -53,9 +52,15 @@ def gradient_directions(
     grads = _same_everywhere(grads, device=model_device(model))
     directions = {}
     for name, g in grads.items():
-        rows = leading_new_directions(g, chosen[name], adapter, counts[name])
-        if rows is not None:
-            directions[name] = rows
+        if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
+            continue
+        layer = chosen[name]
+        rows = full(layer.lora_A[adapter].weight).detach().float().to(g.device)[layer.active_slots(adapter)]
+        if rows.numel():
+            basis, _ = torch.linalg.qr(rows.T)  # d_in x r_active, orthonormal
+            g = g - (g @ basis) @ basis.T
+        _, _, vh = torch.linalg.svd(g, full_matrices=False)
+        directions[name] = vh[: counts[name]].cpu()
     return directions, loss
 
 

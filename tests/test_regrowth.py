@@ -7,11 +7,9 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 import peft_alora
-import peft_alora.allocator as allocator_module
 from peft_alora.allocator import RankAllocator
 from peft_alora.regrowth import gradient_directions
-from peft_alora.scoring import ScoringSet, scoring_loss, taylor_terms
-from peft_alora.scoring.gradient_sketch import SKETCH_WIDTH, GradientSketch, leading_new_directions
+from peft_alora.scoring import ScoringSet, scoring_loss
 from conftest import make_tiny_llama, random_batch
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -104,54 +102,3 @@ def test_regrow_init_is_validated():
         peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="svd")
     assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"]).regrow_init == "gradient"  # measured default
     assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="random").regrow_init == "random"
-
-
-def test_sketch_is_the_projected_weight_gradient_of_the_scoring_pass(torch_single_thread):
-    model, scoring = _model_and_scoring()
-    layers = dict(model.base_model.gated_layers())
-    sketch = GradientSketch(layers, torch.device("cpu"))
-    ranks = [(name, slot) for name, layer in layers.items() for slot in layer.active_slots("default")]
-    taylor_terms(model, layers, "default", scoring, ranks, sketch=sketch)
-    wide, narrow = "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.v_proj"  # 128 and 32 outputs
-    assert layers[narrow].out_features <= SKETCH_WIDTH < layers[wide].out_features
-    g_wide, g_narrow = _weight_gradient(model, wide, scoring), _weight_gradient(model, narrow, scoring)
-    assert sketch.sketch[wide].shape == (SKETCH_WIDTH, layers[wide].in_features)
-    assert torch.allclose(sketch.sketch[wide], sketch.projection[wide].T @ g_wide, rtol=1e-4, atol=1e-5)
-    assert sketch.projection[narrow] is None and torch.allclose(sketch.sketch[narrow], g_narrow, rtol=1e-4, atol=1e-6)
-    again = GradientSketch(layers, torch.device("cpu"))  # the same fixed projections in every process and round
-    assert all(torch.equal(again.projection[n], p) for n, p in sketch.projection.items() if p is not None)
-
-
-def test_sketch_finds_the_leading_direction_of_a_wide_gradient(torch_single_thread):
-    model, _ = _model_and_scoring()
-    layers = dict(model.base_model.gated_layers())
-    name = "model.layers.1.mlp.up_proj"  # 128 outputs, sketched by 32 projections
-    generator = torch.Generator().manual_seed(5)
-    d_out, d_in = layers[name].out_features, layers[name].in_features
-    u, v = torch.randn(d_out, generator=generator), torch.randn(d_in, generator=generator)
-    grad_y = torch.randn(400, d_out, generator=generator) * 0.3 + torch.randn(400, 1, generator=generator) * u
-    x = torch.randn(400, d_in, generator=generator) * 0.3 + torch.randn(400, 1, generator=generator) * v
-    sketch = GradientSketch({name: layers[name]}, torch.device("cpu"))
-    sketch.accumulate(name, grad_y, x)
-    got = sketch.directions(layers, "default", {name: 1})[name]
-    expected = leading_new_directions(grad_y.T @ x, layers[name], "default", 1)
-    assert abs(float(got[0] @ expected[0])) > 0.99
-
-
-def test_fast_rounds_regrow_from_the_scoring_pass_and_exact_rounds_run_their_own(torch_single_thread, monkeypatch):
-    calls = []
-    real = allocator_module.gradient_directions
-    monkeypatch.setattr(allocator_module, "gradient_directions",
-                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    for scorer, passes in (("fast", 0), ("exact", 1)):
-        calls.clear()
-        model, scoring = _model_and_scoring(scorer=scorer)
-        before = scoring_loss(model, scoring)
-        allocator = RankAllocator(model, scoring, total_steps=6, seed=1)
-        record = allocator.run_round(2)
-        assert record["grown_slots"] and len(calls) == passes
-        assert record["scoring_loss"] == pytest.approx(before, rel=1e-6)  # the loss the round scored at
-        for module, slot in record["grown_slots"]:  # aimed, not random: along the gradient outside the old rows
-            row = allocator.layers[module].lora_A["default"].weight.detach()[slot]
-            g = _weight_gradient(model, module, scoring)
-            assert float((g @ row).norm() / row.norm()) > 0.5 * float(torch.linalg.matrix_norm(g, ord=2))

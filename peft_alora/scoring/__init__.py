@@ -1,10 +1,8 @@
 """AB-LoRA importance scorers. Each scorer is a function
 
-    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=..., out=...) -> {rank: score}
+    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=...) -> {rank: score}
 
-where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest. ``out``
-(a dict, may be None) receives by-products the round can reuse instead of running passes of its own:
-``"loss"`` (scoring loss at the current gates) and ``"gradient_sketch"`` (for gradient regrowth). ``SCORERS``
+where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest. ``SCORERS``
 maps the names accepted by ``ALoRAConfig.scorer`` to them.
 """
 

@@ -9,7 +9,6 @@ kept only while that fits in :data:`CACHE_LIMIT_BYTES`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -22,28 +21,6 @@ CACHE_LIMIT_BYTES = 1 << 30  # SmolLM2-135M all-linear: 0.42 GB; a 7B model woul
 
 def gradient_bytes(layers: Mapping[str, torch.nn.Module]) -> int:
     return sum(4 * layer.in_features * layer.out_features for layer in layers.values())
-
-
-@contextlib.contextmanager
-def output_gradients(layers: Mapping[str, torch.nn.Module], accumulate: Callable[[str, torch.Tensor, torch.Tensor], None]):
-    """While inside, every backward through a layer of ``layers`` calls ``accumulate(name, dy, x)`` with
-    its output gradient and input, flattened to ``tokens x features`` in fp32 (what ``dL/dW`` is made of)."""
-    def hook(name):
-        def capture(module, args, output):
-            x = args[0].detach()
-
-            def on_gradient(grad_y):
-                if grad_y is not None:  # None: no gradient reached this layer
-                    accumulate(name, grad_y.reshape(-1, grad_y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float())
-            output.register_hook(on_gradient)
-        return capture
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class BaseGradients:
@@ -60,11 +37,24 @@ class BaseGradients:
         grads = {name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=device)
                  for name, layer in layers.items()}
 
-        def accumulate(name, grad_y, x):
-            grads[name].addmm_(grad_y.t(), x)
+        def hook(name):
+            def capture(module, args, output):
+                x = args[0].detach()
 
-        with output_gradients(layers, accumulate):
+                def accumulate(grad_y):
+                    if grad_y is None:  # no gradient reached this layer
+                        return
+                    grads[name].addmm_(grad_y.reshape(-1, grad_y.shape[-1]).float().t(),
+                                       x.reshape(-1, x.shape[-1]).float())
+                output.register_hook(accumulate)
+            return capture
+
+        handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+        try:
             sums = gradient_pass()
+        finally:
+            for handle in handles:
+                handle.remove()
         loss = float(total(sums[:1], device)[0])
         for name in grads:
             grads[name] = total(grads[name], device)

@@ -26,10 +26,9 @@ import torch
 
 from ..allocation import Rank
 from ..distributed import full, is_sharded, share_work, world
-from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes, output_gradients
+from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, model_device
 from .exact import GateEditor, distributed_exact_scores
-from .gradient_sketch import GradientSketch
 from .prefix import PrefixCache, decoder_blocks, recording
 
 
@@ -87,14 +86,12 @@ class TaylorTerms:
 
 
 def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, scoring: ScoringSet,
-                 ranks: Sequence[Rank], progress=None, record_prefix: bool = False,
-                 sketch: Optional[GradientSketch] = None) -> TaylorTerms:
+                 ranks: Sequence[Rank], progress=None, record_prefix: bool = False) -> TaylorTerms:
     """Gate derivatives at the current gates and at all gates off, for every rank in ``ranks``.
 
     ``record_prefix``: also keep the block outputs of the pass at the current gates (``prefix.py``),
     which exact passes of the same round can start from; on one process only, where that pass
-    sees every scoring batch. ``sketch``: also sum the weight-gradient sketch of every layer over the pass
-    at the current gates (``gradient_sketch.py``), made the same in every process.
+    sees every scoring batch.
     """
     work = share_work(model, range(len(scoring.batches)))
     mine = work.mine
@@ -106,8 +103,7 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
     try:
         blocks = decoder_blocks(model, layers)[0] if record_prefix and world()[0] == 1 else None
         with eval_mode(model):
-            with recording(blocks, scoring) if blocks is not None else contextlib.nullcontext() as recorder, \
-                    output_gradients(layers, sketch.accumulate) if sketch is not None else contextlib.nullcontext():
+            with recording(blocks, scoring) if blocks is not None else contextlib.nullcontext() as recorder:
                 on = gate_gradients(model, editor, scoring, mine, progress)  # current gates
             with torch.no_grad():
                 editor.only(None)  # the base model
@@ -118,8 +114,6 @@ def taylor_terms(model, layers: Mapping[str, torch.nn.Module], adapter: str, sco
     finally:
         editor.restore()
     on = work.total(on, device) / scoring.n_tokens
-    if sketch is not None:
-        sketch.total(work.total, device)
     if off is not None:
         off = work.total(off, device) / scoring.n_tokens
     else:  # the same derivatives from the cached base gradients
@@ -210,7 +204,7 @@ def current_prefix(model, layers, scoring: ScoringSet) -> Optional[PrefixCache]:
 
 
 def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune: Optional[int] = None,
-                refine: Optional[int] = None, out: Optional[dict] = None) -> dict[Rank, float]:
+                refine: Optional[int] = None) -> dict[Rank, float]:
     """Taylor scores of every rank; for up to ``refine`` (default ``config.scoring_refine``) of the
     lowest, the "without rho" term is replaced by its exact value (``refine_lazily``).
 
@@ -219,22 +213,12 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
     costs; the "only rho" term is taken at the base model, where it does not vanish. On the quick
     benchmark, exact "without" terms alone took the same decisions as exact scores in every round.
     The exact passes start at the rank's decoder block (``prefix.py``): about half a pass each.
-
-    ``out`` (a dict) receives what the round can reuse: ``"loss"``, the scoring loss at the current
-    gates, and, when ``config.regrow_init == "gradient"``, ``"gradient_sketch"`` (``gradient_sketch.py``)
-    from the same gradient pass, so regrowth needs no pass of its own.
     """
     if refine is None:
         refine = getattr(config, "scoring_refine", None)
     if refine is None:
         refine = default_refine(n_prune or 0)
-    wants_sketch = out is not None and getattr(config, "regrow_init", None) == "gradient"
-    sketch = GradientSketch(layers, model_device(model)) if wants_sketch else None
-    terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0, sketch=sketch)
-    if out is not None:
-        out["loss"] = terms.loss
-        if sketch is not None:
-            out["gradient_sketch"] = sketch
+    terms = taylor_terms(model, layers, adapter, scoring, ranks, progress, record_prefix=refine > 0)
     scores = terms.scores()
     if refine > 0:
         bar, current = progress, terms.prefix
