@@ -156,16 +156,14 @@ def main(argv=None):
         print(f"{method:8} {s['eval_loss_median']:12.4f} ({low:.4f}-{high:.4f}) {s['exact_match_median']:12.3f}")
     line = {"max_steps": args.max_steps, "seeds": len(args.seeds), "learning_rate": args.learning_rate}
     for other in ("lora", "adalora"):
-        if "alora" in summary and other in summary:
-            line[f"eval_loss_ratio_alora_vs_{other}"] = summary["alora"]["eval_loss_median"] / summary[other]["eval_loss_median"]
-            per_seed = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == other}
-            line[f"seeds_alora_worse_than_{other}"] = sum(
-                r["eval_loss"] > per_seed[r["seed"]] for r in rows if r["method"] == "alora")
-            line[f"unseen_eval_loss_ratio_alora_vs_{other}"] = (summary["alora"]["eval_loss_unseen_median"]
-                                                                / summary[other]["eval_loss_unseen_median"])
-            unseen = {r["seed"]: r["eval_loss_unseen"] for r in rows if r["method"] == other}
-            line[f"unseen_seeds_alora_worse_than_{other}"] = sum(
-                r["eval_loss_unseen"] > unseen[r["seed"]] for r in rows if r["method"] == "alora")
+        if "alora" not in summary or other not in summary:
+            continue
+        for prefix, loss in (("", "eval_loss"), ("unseen_", "eval_loss_unseen")):  # all 80 rows; rows not scored on
+            line[f"{prefix}eval_loss_ratio_alora_vs_{other}"] = (summary["alora"][f"{loss}_median"]
+                                                                 / summary[other][f"{loss}_median"])
+            theirs = {r["seed"]: r[loss] for r in rows if r["method"] == other}
+            line[f"{prefix}seeds_alora_worse_than_{other}"] = sum(
+                r[loss] > theirs[r["seed"]] for r in rows if r["method"] == "alora")
     RESULTS.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, no GPU",
                                           "rows": rows, "summary": summary, "headline": line}, indent=1))
