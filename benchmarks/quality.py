@@ -202,7 +202,6 @@ ALORA_VARIANTS = {  # name -> ALoRAConfig overrides ("alora" = the defaults)
     "alora-exact": {"scorer": "exact"},                # the reference scorer (the default is the fast one)
     "alora-rounds-5-20": {"allocation_start": 0.05, "allocation_end": 0.2},   # rounds earlier than the spec's 10%-40%
     "alora-rounds-10-25": {"allocation_start": 0.1, "allocation_end": 0.25},
-    "alora-regrown-floor": {"regrown_score": "module_mean"},  # a rank grown last round scored >= its module's mean
 }
 
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_alora  # noqa: E402
-from peft_alora.allocation import floor_regrown, plan_round  # noqa: E402
+from peft_alora.allocation import plan_round  # noqa: E402
 from peft_alora.allocator import RankAllocator  # noqa: E402
 from peft_alora.scoring import ScoringSet, distributed_exact_scores, fast_scores, scoring_loss  # noqa: E402
 from peft_alora.scoring.common import IGNORE_INDEX  # noqa: E402
@@ -159,21 +159,18 @@ def run(args, model, batches, scoring) -> dict:
         capacity = {name: layer.capacity(adapter) for name, layer in layers.items()}
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         n = allocator.ranks_per_round
-        regrown = allocator.regrown_to_floor()  # both plans floor these ranks' scores, as the allocator does
         pass_seconds, _ = median_time(lambda: scoring_loss(model, scoring), args.repeats)
         exact_seconds, exact = median_time(
             lambda: distributed_exact_scores(model, layers, adapter, scoring, ranks), 1)
         row = {"round": allocator.rounds_done + 1, "step": current["step"], "ranks": len(ranks),
                "exact_seconds": exact_seconds, "scoring_pass_seconds": pass_seconds}
-        plan_exact = plan_round(floor_regrown(exact, regrown), active, capacity, n)
+        plan_exact = plan_round(exact, active, capacity, n)
         for refine in args.refine:
             times, fast = timed(
-                lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine, regrown=regrown),
-                args.repeats)
+                lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine), args.repeats)
             seconds = statistics.median(times)
-            plan_fast = plan_round(floor_regrown(fast, regrown), active, capacity, n)
-            decided = floor_regrown(exact, regrown)
-            regret = sum(decided[r] for r in plan_fast.pruned) - sum(decided[r] for r in plan_exact.pruned)
+            plan_fast = plan_round(fast, active, capacity, n)
+            regret = sum(exact[r] for r in plan_fast.pruned) - sum(exact[r] for r in plan_exact.pruned)
             row[f"refine{refine}"] = {
                 "seconds": seconds, "all_seconds": times, "pass_equivalents": seconds / pass_seconds,
                 "speedup": exact_seconds / seconds, "spearman": spearman(fast, exact),

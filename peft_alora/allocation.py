@@ -20,8 +20,6 @@ __all__ = [
     "select_pruned",
     "plan_regrowth",
     "mean_scores_by_module",
-    "floor_regrown",
-    "regrown_floors",
     "plan_round",
     "resolve_steps",
     "schedule_steps",
@@ -70,30 +68,6 @@ def mean_scores_by_module(scores: Mapping[Rank, float]) -> Dict[str, float]:
         sums[module] = sums.get(module, 0.0) + _check_finite(score, f"rank ({module!r}, {slot})")
         counts[module] = counts.get(module, 0) + 1
     return {module: sums[module] / counts[module] for module in sums}
-
-
-def regrown_floors(scores: Mapping[Rank, float], regrown: Set[Rank]) -> Dict[Rank, float]:
-    """For each rank of ``regrown`` in ``scores``: the mean score of its module's other (not regrown)
-    ranks in ``scores``. Ranks of a module with no such rank get no floor."""
-    sums: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
-    for (module, slot), score in scores.items():
-        if (module, slot) not in regrown:
-            sums[module] = sums.get(module, 0.0) + _check_finite(score, f"rank ({module!r}, {slot})")
-            counts[module] = counts.get(module, 0) + 1
-    return {rank: sums[rank[0]] / counts[rank[0]] for rank in regrown if rank in scores and rank[0] in counts}
-
-
-def floor_regrown(scores: Mapping[Rank, float], regrown: Set[Rank]) -> Dict[Rank, float]:
-    """``scores`` with each rank of ``regrown`` scored at least the mean of its module's other ranks.
-
-    A rank grown in the previous round starts with ``B = 0`` and has had one interval to learn, so
-    its own score says little about what it could do, and it is pruned again first (the churn the
-    paper's rule shows). Scored at its module's mean, it stays while its module's established
-    ranks are worth keeping, and goes when they are not.
-    """
-    floors = regrown_floors(scores, regrown)
-    return {rank: max(score, floors[rank]) if rank in floors else score for rank, score in scores.items()}
 
 
 def plan_regrowth(

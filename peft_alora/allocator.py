@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .allocation import RoundPlan, floor_regrown, plan_round, resolve_steps, schedule_steps
+from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
 from .distributed import check_engine, release_gathered
 from .model import ALoRAModel
 from .optim_state import reset_slots
@@ -25,8 +25,6 @@ from .report import split_module_name
 from .scoring import SCORERS, ScoringSet, eval_mode, scoring_loss
 
 STATE_VERSION = 2
-# decision settings added after STATE_VERSION 2, with the value every earlier checkpoint was taken with
-SETTINGS_BEFORE_THEY_WERE_SAVED = {"regrown_score": "own"}
 logger = logging.getLogger(__name__)
 
 
@@ -172,7 +170,7 @@ class RankAllocator:
             "r": config.r, "max_r": config.capacity, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
             "ranks_per_round": self.ranks_per_round, "scoring_examples": config.scoring_examples,
             "scoring_batch_size": config.scoring_batch_size, "scorer": config.scorer,
-            "scoring_refine": config.scoring_refine, "regrown_score": config.regrown_score,
+            "scoring_refine": config.scoring_refine,
             "allocation_start": config.allocation_start, "allocation_end": config.allocation_end,
             "allocation_interval": config.allocation_interval, "allocation_rounds": config.allocation_rounds,
             "init_lora_weights": config.init_lora_weights, "modules": sorted(self.layers), "seed": self.seed,
@@ -193,7 +191,7 @@ class RankAllocator:
                          "schedule is compared with this run's.")
         else:
             ours = json.loads(json.dumps(self.decision_settings()))  # JSON-normalised like the saved one
-            saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **state["settings"]}
+            saved = state["settings"]
             differ = [f"{key} (checkpoint {saved.get(key)!r}, now {ours.get(key)!r})"
                       for key in sorted(set(saved) | set(ours)) if saved.get(key) != ours.get(key)]
             if differ:
@@ -256,14 +254,7 @@ class RankAllocator:
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
         return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config,
-                      n_prune=self.ranks_per_round, regrown=self.regrown_to_floor())
-
-    def regrown_to_floor(self) -> set:
-        """The ranks whose score is floored at their module's mean this round (``regrown_score``): those grown
-        in the previous round (none after a resume without allocator state, which keeps no history)."""
-        if self.config.regrown_score != "module_mean":
-            return set()
-        return {(module, int(slot)) for module, slot in self.history[-1].get("grown_slots", [])}
+                      n_prune=self.ranks_per_round)
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         self.check_ready(optimizer)
@@ -278,7 +269,7 @@ class RankAllocator:
         if n < self.ranks_per_round:
             loud_warning(f"ALoRA round {round_index} (step {global_step}): only {len(scores)} ranks are active, "
                          f"so it prunes {max(n, 0)} instead of ranks_per_round={self.ranks_per_round}.")
-        plan = plan_round(floor_regrown(scores, self.regrown_to_floor()), active, capacity, max(n, 0))
+        plan = plan_round(scores, active, capacity, max(n, 0))
         if plan.n_grown < plan.n_pruned:
             budget = self.budget - (plan.n_pruned - plan.n_grown)
             loud_warning(f"ALoRA round {round_index} (step {global_step}): pruned {plan.n_pruned} ranks but only "

@@ -12,7 +12,6 @@ from .registration import add_peft_type_member
 
 SCORERS = ("fast", "exact")
 REGROW_INITS = ("random", "gradient")
-REGROWN_SCORES = ("own", "module_mean")
 SUPPORTED_INITS = (True, False, "gaussian")
 
 # LoRA options that change what a rank is, or how it is initialised, in ways the gate/slot
@@ -105,13 +104,6 @@ class ALoRAConfig(LoraConfig):
                           "'random' (drawn as LoRA draws it: the paper)."},
     )
 
-    regrown_score: str = field(
-        default="own",
-        metadata={"help": f"How a rank grown in the previous round is scored, one of {REGROWN_SCORES}: 'own' (its own "
-                          "score: the paper) or 'module_mean' (at least the mean score of its module's other ranks, "
-                          "since it has had one interval to learn; beyond the paper)."},
-    )
-
     def __post_init__(self):
         self._check_unsupported_lora_options()
         super().__post_init__()
@@ -200,8 +192,6 @@ class ALoRAConfig(LoraConfig):
         self._check_schedule_order()
         if self.regrow_init not in REGROW_INITS:
             raise ValueError(f"ALoRAConfig.regrow_init={self.regrow_init!r}: choose one of {REGROW_INITS}.")
-        if self.regrown_score not in REGROWN_SCORES:
-            raise ValueError(f"ALoRAConfig.regrown_score={self.regrown_score!r}: choose one of {REGROWN_SCORES}.")
         if self.scorer not in SCORERS:
             raise ValueError(f"ALoRAConfig.scorer={self.scorer!r}: choose one of {SCORERS}.")
         if self.lora_dropout < 0 or self.lora_dropout >= 1:

@@ -4,7 +4,6 @@ import pytest
 
 from peft_alora.allocation import (
     RoundPlan,
-    floor_regrown,
     mean_scores_by_module,
     plan_regrowth,
     plan_round,
@@ -94,35 +93,6 @@ def test_regrowth_bad_inputs():
         plan_regrowth({"a": 1}, {"a": 2}, set(), {"a": 0.0}, -1)
     with pytest.raises(ValueError, match="capacity"):
         plan_regrowth({"a": 1}, {}, set(), {"a": 0.0}, 1)
-
-
-# --- floor_regrown -----------------------------------------------------------
-
-
-def test_floor_regrown_scores_a_young_rank_at_least_its_modules_mean():
-    scores = {("a", 0): 0.4, ("a", 1): 0.6, ("a", 2): -1.0, ("b", 0): 0.1, ("b", 1): -0.9}
-    floored = floor_regrown(scores, {("a", 2), ("b", 1)})
-    assert floored[("a", 2)] == pytest.approx(0.5)  # mean of a's other ranks
-    assert floored[("b", 1)] == pytest.approx(0.1)
-    assert {r: floored[r] for r in [("a", 0), ("a", 1), ("b", 0)]} == {("a", 0): 0.4, ("a", 1): 0.6, ("b", 0): 0.1}
-    # the floor only lifts: a young rank already above its module's mean keeps its own score
-    assert floor_regrown({("a", 0): 0.0, ("a", 1): 2.0}, {("a", 1)})[("a", 1)] == 2.0
-
-
-def test_floor_regrown_leaves_modules_with_only_young_ranks_and_ignores_unknown_ranks():
-    scores = {("a", 0): -1.0, ("a", 1): -2.0, ("b", 0): 0.3}
-    assert floor_regrown(scores, {("a", 0), ("a", 1), ("c", 5)}) == scores
-    assert floor_regrown(scores, set()) == scores
-
-
-def test_floored_young_rank_is_kept_where_its_module_is_strong_and_pruned_where_it_is_weak():
-    active = {"strong": [0, 1, 2], "weak": [0, 1, 2]}
-    scores = {("strong", 0): 0.9, ("strong", 1): 0.8, ("strong", 2): -0.5,
-              ("weak", 0): 0.02, ("weak", 1): 0.01, ("weak", 2): -0.4}
-    young = {("strong", 2), ("weak", 2)}
-    capacity = {"strong": 6, "weak": 6}
-    assert set(plan_round(scores, active, capacity, 2).pruned) == young  # the paper: both young ranks go
-    assert set(plan_round(floor_regrown(scores, young), active, capacity, 2).pruned) == {("weak", 1), ("weak", 2)}
 
 
 # --- plan_round --------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from peft import get_peft_model
 
 import peft_alora
-from peft_alora.allocation import floor_regrown, select_pruned
+from peft_alora.allocation import select_pruned
 from peft_alora.allocator import RankAllocator, resolve_schedule
 from peft_alora.scoring import ScoringSet
 from conftest import make_tiny_llama, random_batch
@@ -160,30 +160,3 @@ def test_a_model_without_alora_adapter_is_a_clear_error():
     ids = random_batch()
     with pytest.raises(TypeError, match="ALoRAConfig.*LoraModel"):
         RankAllocator(model, ScoringSet([{"input_ids": ids, "labels": ids}]), total_steps=10)
-
-
-@pytest.mark.parametrize("rule", ["own", "module_mean"])
-def test_ranks_grown_in_the_previous_round_are_floored_at_their_modules_mean(rule):
-    model, allocator, optimizer, ids = _setup(regrown_score=rule)
-    for step in (1, 2):
-        _train_step(model, optimizer, ids)
-    first = allocator.step(2, optimizer)
-    young = {tuple(r) for r in first["grown_slots"]}
-    assert allocator.regrown_to_floor() == (young if rule == "module_mean" else set())
-    real_score = allocator.score
-
-    def young_lowest():  # the freshly grown ranks score below every other rank, as with B = 0
-        return {rank: (-10.0 - rank[1] if rank in young else value) for rank, value in real_score().items()}
-
-    allocator.score = young_lowest
-    for step in (3, 4):
-        _train_step(model, optimizer, ids)
-    second = allocator.step(4, optimizer)
-    raw = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in second["scores"].items()}
-    assert all(raw[rank] <= -10.0 for rank in young)  # the record keeps the scores as scored
-    pruned = {tuple(r) for r in second["pruned"]}
-    if rule == "own":
-        assert pruned == young  # the paper: the new ranks go first
-    else:
-        assert pruned == set(select_pruned(floor_regrown(raw, young), allocator.ranks_per_round))
-        assert len(pruned & young) < len(young)

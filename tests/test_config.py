@@ -98,8 +98,7 @@ def test_unsupported_lora_options_name_the_field(kwargs, field_name):
 def test_own_fields_do_not_use_the_activated_lora_prefix():
     own = {f.name for f in dataclasses.fields(ALoRAConfig)} - {f.name for f in dataclasses.fields(LoraConfig)}
     assert own == {"max_r", "allocation_start", "allocation_end", "allocation_interval", "allocation_rounds",
-                   "ranks_per_round", "scoring_examples", "scoring_batch_size", "scorer", "scoring_refine", "regrow_init",
-                   "regrown_score"}
+                   "ranks_per_round", "scoring_examples", "scoring_batch_size", "scorer", "scoring_refine", "regrow_init"}
     assert not [name for name in own if name.startswith("alora")]
 
 

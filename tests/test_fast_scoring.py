@@ -5,7 +5,7 @@ import torch
 from peft import get_peft_model
 
 import peft_alora
-from peft_alora.allocation import plan_round, regrown_floors
+from peft_alora.allocation import plan_round
 from peft_alora.allocator import RankAllocator
 from peft_alora.scoring import ScoringSet, exact_scores, fast_scores, scoring_loss
 from peft_alora.scoring.exact import GateEditor
@@ -89,24 +89,6 @@ def test_refinement_rescores_the_lowest_ranks_exactly(torch_single_thread):
     for rank in changed:  # bit for bit: the exact "without" term, the first-order "only" term
         assert refined[rank] == without[rank] - (terms.base_loss + terms.alone[rank])
     assert set(changed) == set(sorted(ranks, key=lambda r: first_order[r])[:len(changed)])  # the lowest estimates
-
-
-def test_refinement_spends_no_exact_pass_on_a_regrown_rank_its_floor_keeps(torch_single_thread):
-    model = _model([1e-3, 3e-2, 1e-1])
-    scoring, _, _ = _scoring_set()
-    layers, ranks = _ranks(model)
-    first_order = taylor_terms(model, layers, "default", scoring, ranks).scores()
-    lowest = sorted(ranks, key=lambda r: first_order[r])
-    plain = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=6)
-    rescored = {r for r in ranks if plain[r] != first_order[r]}
-    # the lowest rank, as if grown last round, in the module whose other ranks score highest on average
-    young = lowest[0]
-    floors = regrown_floors(first_order, {young})
-    assert floors[young] > first_order[lowest[len(rescored) + 3]]  # its floor lifts it well clear of the pruned set
-    floored = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=6, regrown={young})
-    assert young in rescored and floored[young] == first_order[young]  # not re-scored; returned unfloored
-    for rank in ranks:  # every other re-scored value is the exact one, bit for bit
-        assert floored[rank] in (first_order[rank], plain[rank])
 
 
 def test_refinement_records_the_current_blocks_once_per_round_under_several_processes(torch_single_thread,

@@ -207,7 +207,6 @@ def test_edited_adapter_config_is_refused(saved, edit, match):
     (dict(scoring_examples=16, scoring_batch_size=4), ["scoring_batch_size", "scoring_examples"]),
     (dict(seed=8), ["seed"]),
     (dict(scoring=_scoring(seed=6)), ["scoring_set"]),
-    (dict(regrown_score="module_mean"), ["regrown_score"]),
 ])
 def test_resume_with_changed_settings_is_refused(change, fields):
     state = json.loads(json.dumps(_allocator().state_dict()))
@@ -222,14 +221,6 @@ def test_resume_with_changed_settings_is_refused(change, fields):
 def test_resume_with_the_same_settings_is_accepted():
     state = json.loads(json.dumps(_allocator().state_dict()))
     _allocator().load_state_dict(state)
-
-
-def test_checkpoint_saved_before_regrown_score_existed_resumes_as_the_paper_rule():
-    state = json.loads(json.dumps(_allocator(regrown_score="own").state_dict()))
-    del state["settings"]["regrown_score"]  # what a checkpoint of an earlier version holds
-    _allocator(regrown_score="own").load_state_dict(state)
-    with pytest.raises(ValueError, match="regrown_score"):
-        _allocator(regrown_score="module_mean").load_state_dict(state)
 
 
 # ---- 6. a report that cannot be written does not end the run ------------------------------------------------

@@ -49,9 +49,6 @@ class ALoRAArguments:
                                         "ranks_per_round; 0: first order only)."})
     regrow_init: Optional[str] = field(
         default=None, metadata={"help": "A regrown rank's A row: 'gradient' (default) or 'random' (the paper)."})
-    regrown_score: Optional[str] = field(
-        default=None, metadata={"help": "A rank grown in the previous round is scored as its own score ('own', the "
-                                        "paper) or at least its module's mean ('module_mean')."})
 
     def to_config(self, model_args: ModelConfig) -> ALoRAConfig:
         """The adapter config: LoRA fields from TRL's ``ModelConfig``, ALoRA fields from here."""

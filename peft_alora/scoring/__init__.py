@@ -1,10 +1,8 @@
 """AB-LoRA importance scorers. Each scorer is a function
 
-    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=..., regrown=...) -> {rank: score}
+    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=...) -> {rank: score}
 
-where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest once the
-scores of ``regrown`` are floored (``allocation.floor_regrown``), which a scorer may use to spend its
-effort on the ranks that can be pruned; the scores it returns are unfloored. ``SCORERS``
+where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest. ``SCORERS``
 maps the names accepted by ``ALoRAConfig.scorer`` to them.
 """
 

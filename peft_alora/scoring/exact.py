@@ -104,7 +104,7 @@ def base_prefix(model, editor: GateEditor, blocks, scoring: ScoringSet) -> Prefi
 
 
 def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None,
-                             parts=("without", "only"), current=None, regrown=None):
+                             parts=("without", "only"), current=None):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..allocation import Rank, regrown_floors
+from ..allocation import Rank
 from ..distributed import full, is_sharded, share_work, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, model_device
@@ -204,11 +204,9 @@ def current_prefix(model, layers, scoring: ScoringSet) -> Optional[PrefixCache]:
 
 
 def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune: Optional[int] = None,
-                refine: Optional[int] = None, regrown=None) -> dict[Rank, float]:
+                refine: Optional[int] = None) -> dict[Rank, float]:
     """Taylor scores of every rank; for up to ``refine`` (default ``config.scoring_refine``) of the
-    lowest, the "without rho" term is replaced by its exact value (``refine_lazily``). The lowest are
-    taken after the scores of ``regrown`` are floored as the allocator will floor them, so no exact
-    pass goes to a rank its floor keeps.
+    lowest, the "without rho" term is replaced by its exact value (``refine_lazily``).
 
     Why only that term: late in a run the loss sits near a minimum in every gate, so the gradient
     at the current gates (first order of "without rho") says little about what removing a rank
@@ -232,12 +230,8 @@ def fast_scores(model, layers, adapter, scoring, ranks, progress=None, config=No
             without = distributed_exact_scores(model, layers, adapter, scoring, chosen, progress=bar,
                                                parts=("without",), current=current)
             bar = None
-            raw.update({rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in chosen})
-            return {rank: max(raw[rank], floors.get(rank, raw[rank])) for rank in chosen}
-        raw = {}
-        floors = regrown_floors(scores, set(regrown or ()))
-        floored = {rank: max(score, floors.get(rank, score)) for rank, score in scores.items()}
-        refined = refine_lazily(floored, n_prune if n_prune is not None else refine, refine, rescore,
-                                sizes=rank_sizes(layers, adapter, ranks), chunk=1 if is_sharded(model) else world()[0])
-        scores.update({rank: raw[rank] for rank in refined})
+            return {rank: without[rank] - (terms.base_loss + terms.alone[rank]) for rank in chosen}
+        scores.update(refine_lazily(scores, n_prune if n_prune is not None else refine, refine, rescore,
+                                    sizes=rank_sizes(layers, adapter, ranks),
+                                    chunk=1 if is_sharded(model) else world()[0]))
     return scores
