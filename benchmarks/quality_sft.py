@@ -12,6 +12,7 @@ measured on the 64 other rows ("unseen"): the fair comparison.
     python benchmarks/quality_sft.py --max-steps 15    # a shorter run, where the task is not yet solved
     python benchmarks/quality_sft.py --methods alora --alora-flags="--allocation_end 0.2"  # an ALoRA variant
     python benchmarks/quality_sft.py --methods adalora --adalora-flags="--learning_rate 1e-2"  # AdaLoRA at another lr
+    python benchmarks/quality_sft.py --methods alora --leave-out 32  # unseen rows comparable with a 32-row scoring set
 
 Writes benchmarks/results/quality_sft.json; the last line is one JSON object with
 ``eval_loss_ratio_alora_vs_lora`` and ``eval_loss_ratio_alora_vs_adalora`` (medians over seeds).
@@ -129,11 +130,20 @@ def main(argv=None):
                              'e.g. --alora-flags="--allocation_start 0.05 --allocation_end 0.2"')
     parser.add_argument("--adalora-flags", default="",
                         help='alora-sft flags for the AdaLoRA runs only, e.g. --adalora-flags="--learning_rate 1e-2"')
+    parser.add_argument("--leave-out", type=int, default=None,
+                        help="rows of the seeded draw kept out of the unseen-row measure (default: the ALoRA runs' "
+                             "scoring_examples); give the largest scoring set of the runs you compare, whose draws "
+                             "are prefixes of one another")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "quality_sft.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.scoring_examples = alora_scoring_examples(args.alora_flags)  # before any trainer: parsing resets accelerate
+    if args.leave_out is not None:
+        if args.leave_out < args.scoring_examples:
+            parser.error(f"--leave-out {args.leave_out} is below the ALoRA runs' scoring set ({args.scoring_examples} "
+                         "rows): rows ALoRA scored on would count as unseen")
+        args.scoring_examples = args.leave_out
     rows = []
     for seed in args.seeds:
         for method in args.methods:
