@@ -108,7 +108,7 @@ def run(method: str, seed: int, args) -> dict:
     after = loss_and_exact_match(trainer, desc="eval")
     # ALoRA scores ranks (and aims regrown ones) on scoring_examples rows of the eval split: every method is
     # also measured on the other rows, which no method has seen (the callback's own seeded draw)
-    scored = set(scoring_indices(len(trainer.eval_dataset), args.scoring_examples, seed))
+    scored = set(scoring_indices(len(trainer.eval_dataset), args.leave_out, seed))
     full_eval = trainer.eval_dataset
     trainer.eval_dataset = full_eval.select([i for i in range(len(full_eval)) if i not in scored])
     unseen = loss_and_exact_match(trainer, desc="eval (rows not scored on)")
@@ -139,11 +139,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.scoring_examples = alora_scoring_examples(args.alora_flags)  # before any trainer: parsing resets accelerate
-    if args.leave_out is not None:
-        if args.leave_out < args.scoring_examples:
-            parser.error(f"--leave-out {args.leave_out} is below the ALoRA runs' scoring set ({args.scoring_examples} "
-                         "rows): rows ALoRA scored on would count as unseen")
-        args.scoring_examples = args.leave_out
+    if args.leave_out is None:
+        args.leave_out = args.scoring_examples
+    elif args.leave_out < args.scoring_examples:
+        parser.error(f"--leave-out {args.leave_out} is below the ALoRA runs' scoring set ({args.scoring_examples} "
+                     "rows): rows ALoRA scored on would count as unseen")
     rows = []
     for seed in args.seeds:
         for method in args.methods:
