@@ -91,6 +91,7 @@ def run(method: str, seed: int, args) -> dict:
              "--disable_tqdm", "true", "--max_steps", str(args.max_steps)]
     if args.learning_rate is not None:
         flags += ["--learning_rate", str(args.learning_rate)]
+    flags += args.flags.split()  # every method's, e.g. "--lora_r 2 --lora_alpha 4"
     if method == "alora":
         flags += args.alora_flags.split()  # e.g. "--allocation_end 0.2": a variant of the recipe's ALoRA
     if method == "adalora":
@@ -125,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-steps", type=int, default=30, help="the recipe's 30 by default")
     parser.add_argument("--learning-rate", type=float, default=None, help="every method's (default: the recipe's)")
+    parser.add_argument("--flags", default="",
+                        help='alora-sft flags for every method (give them after \'=\'), e.g. --flags="--lora_r 2 --lora_alpha 4"')
     parser.add_argument("--alora-flags", default="",
                         help="alora-sft flags for the ALoRA runs only (give them after '='), "
                              'e.g. --alora-flags="--allocation_start 0.05 --allocation_end 0.2"')
