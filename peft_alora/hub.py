@@ -46,6 +46,14 @@ def _results_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _held_out_note(summary: dict) -> str:
+    held = summary.get("scoring_examples_held_out")
+    if not held:
+        return ""
+    return (f"\n\nMeasured on the {summary.get('eval_examples')} eval examples outside ALoRA's scoring set: "
+            f"{held} of the eval split were used to score ranks and aim regrown ones, and are left out.")
+
+
 def _rank_table(per_module: dict) -> str:
     layers, types, matrix = allocation_matrix(per_module)
     rows = ["| layer | " + " | ".join(types) + " |", "| --- |" + " --- |" * len(types)]
@@ -83,7 +91,7 @@ pruned the weakest across the model and regrew ranks where they were needed
 
 ## Results (held-out eval split)
 
-{_results_table(summary)}
+{_results_table(summary)}{_held_out_note(summary)}
 
 ![loss curve](loss_curve.png)
 

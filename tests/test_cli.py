@@ -130,10 +130,12 @@ def test_tiny_run_reports_before_after_and_active_ranks(alora_sft_run, tiny_expo
     summary, out, _ = alora_sft_run
     for when in ("before", "after"):
         assert summary[when]["eval_loss"] > 0 and 0.0 <= summary[when]["exact_match"] <= 1.0
-        assert summary[when]["exact_match_examples"] == 80  # the whole eval split
+        assert summary[when]["exact_match_examples"] == 76  # the eval split less the 4 rows ALoRA scores on
         assert [g["reference"] for g in summary[when]["generations"]] == ["2003-05-29", "2071-02-23"]
         assert all(g["exact_match"] == (g["reply"].strip() == g["reference"]) for g in summary[when]["generations"])
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert (summary["eval_examples"], summary["scoring_examples_held_out"]) == (76, 4)
+    assert "outside ALoRA's scoring set: 4 of the eval split" in (out / "README.md").read_text()
     ranks = summary["adapter"]
     assert ranks["rounds"] == 2 and summary["optimizer_steps"] == 6
     assert ranks["active_ranks_final"] == sum(ranks["per_module_ranks"].values()) == ranks["budget"] == 2 * 14
@@ -223,3 +225,21 @@ def test_exact_match_needs_every_answer_token_and_ignores_the_prompt():
     expected_loss = -(4 * log_softmax[0] + 2 * log_softmax[1]) / 6  # 4 answer tokens right, 2 wrong
     assert result["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
     assert model.training  # train mode restored
+
+
+def test_scoring_rows_are_held_out_of_the_eval_split():
+    """alora-sft scores on the callback's own draw from the eval split and evaluates on the other rows."""
+    from datasets import Dataset
+
+    from peft_alora.callback import scoring_indices
+    from peft_alora.cli.sft import hold_out_scoring_rows
+
+    rows = Dataset.from_dict({"n": list(range(10))})
+    scoring, rest = hold_out_scoring_rows(rows, 3, seed=7)
+    scored, evaluated = list(scoring["n"]), list(rest["n"])
+    assert scored == scoring_indices(10, 3, 7)
+    assert sorted(scored + evaluated) == list(range(10)) and not set(scored) & set(evaluated)
+    streamed_scoring, streamed_rest = hold_out_scoring_rows(rows.to_iterable_dataset(), 3, seed=7)
+    assert [r["n"] for r in streamed_scoring] == [0, 1, 2] and [r["n"] for r in streamed_rest] == list(range(3, 10))
+    with pytest.raises(ValueError, match="10 rows.*scoring_examples=10.*leaving none"):
+        hold_out_scoring_rows(rows, 10, seed=7)

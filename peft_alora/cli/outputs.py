@@ -108,6 +108,11 @@ def save_outputs(trainer, callback, base_model: str, before: dict, after: dict, 
     return summary
 
 
+def _held_out(summary: dict) -> str:
+    held = summary.get("scoring_examples_held_out")
+    return f"; the {held} scored on are left out" if held else ""
+
+
 def format_summary(summary: dict, out: Path) -> str:
     ranks, metric = summary["adapter"], summary.get("task_metric")
     lines = [f"alora-sft finished in {summary['wall_seconds']:.0f} s ({summary['optimizer_steps']} optimizer steps, "
@@ -115,7 +120,7 @@ def format_summary(summary: dict, out: Path) -> str:
              f"  eval loss     {summary['before']['eval_loss']:.4f} -> {summary['after']['eval_loss']:.4f}"]
     if metric:
         lines.append(f"  {metric:<13} {summary['before'][metric]:.3f} -> {summary['after'][metric]:.3f} "
-                     f"({summary['after'][metric + '_examples']} eval examples)")
+                     f"({summary['after'][metric + '_examples']} eval examples{_held_out(summary)})")
     lines += [f"  active ranks  {ranks['active_ranks_final']} of budget {ranks['budget']} in {ranks['modules']} "
               f"modules (capacity {ranks['capacity_slots']} slots)",
               f"  active trainable parameters {ranks['active_trainable_params_final']:,}",

@@ -5,9 +5,9 @@
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m peft_alora.cli --config ...
 
 Shaped like TRL's ``trl/scripts/sft.py``; what differs: the adapter is always ALoRA with its
-callback, the eval loss and the task metric are measured before and after training, TRL's own
-hub push is replaced by :mod:`peft_alora.hub` (stock-LoRA export at the root), and
-``load_best_model_at_end`` is refused.
+callback, whose scoring set is held out of the eval split; the eval loss and the task metric are
+measured before and after training on the other eval rows; TRL's own hub push is replaced by
+:mod:`peft_alora.hub` (stock-LoRA export at the root); and ``load_best_model_at_end`` is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trl import SFTTrainer, get_dataset, get_quantization_config
 
-from ..callback import ALoRACallback
+from ..callback import ALoRACallback, scoring_indices
 from ..distributed import leave_process_group
 from .args import parse_args
 from .evaluation import loss_and_exact_match, shown_generations
@@ -68,6 +68,26 @@ def _size(dataset):
     return len(dataset) if hasattr(dataset, "__len__") else None  # streaming datasets have none
 
 
+def hold_out_scoring_rows(eval_set, n_examples: int, seed: int):
+    """``(scoring rows, eval rows)``: ALoRA's scoring set comes out of the eval split and out of every eval figure.
+
+    The scorer, and the gradient regrowth after it, use their rows to decide, so eval loss and the
+    task metric are measured on the other rows only. The draw is the callback's own (``scoring_indices``
+    with the run's seed), so the scoring set is the one ALoRA would take from the whole split.
+    """
+    if not hasattr(eval_set, "__len__"):  # streaming: the first rows, as the callback takes them
+        return eval_set.take(n_examples), eval_set.skip(n_examples)
+    if len(eval_set) <= n_examples:
+        raise ValueError(
+            f"the eval split has {len(eval_set)} rows and ALoRA's scoring set takes scoring_examples={n_examples} "
+            "of them, leaving none to evaluate on: lower scoring_examples or give a larger eval split "
+            "(dataset_test_split)."
+        )
+    chosen = scoring_indices(len(eval_set), n_examples, seed)
+    taken = set(chosen)
+    return eval_set.select(chosen), eval_set.select([i for i in range(len(eval_set)) if i not in taken])
+
+
 def measure(trainer, eval_set, eval_args, when: str) -> dict:
     """Eval loss, the task metric when asked (same pass) and the shown generations; logged and returned."""
     if eval_args.task_metric:
@@ -85,21 +105,26 @@ def measure(trainer, eval_set, eval_args, when: str) -> dict:
     return result
 
 
-def build_trainer(script_args, training_args, model_args, dataset_args, alora_args, peft_config=None):
-    """``(trainer, train_set, eval_set, base_model)`` of a recipe, without the ALoRA callback.
+def build_trainer(script_args, training_args, model_args, dataset_args, alora_args, peft_config=None,
+                  hold_out_scoring: bool = False):
+    """``(trainer, train_set, eval_set, base_model, scoring_rows)`` of a recipe, without the ALoRA callback.
 
     ``peft_config`` replaces the recipe's ALoRA adapter (``benchmarks/overhead.py`` runs the same
-    recipe with plain LoRA to measure what ALoRA costs).
+    recipe with plain LoRA to measure what ALoRA costs). ``hold_out_scoring``: the trainer evaluates
+    on the eval rows outside ALoRA's scoring set, returned as ``scoring_rows`` (else None).
     """
     model_path, base_model = resolve_model(model_args)
     model_init_kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
                              dtype=model_args.dtype, trust_remote_code=training_args.trust_remote_code)
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
     train_set, eval_set = load_splits(script_args, dataset_args)
+    peft_config = peft_config or alora_args.to_config(model_args)
+    scoring_rows = None
+    if hold_out_scoring:
+        scoring_rows, eval_set = hold_out_scoring_rows(eval_set, peft_config.scoring_examples, training_args.seed)
     trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                         quantization_config=get_quantization_config(model_args),
-                         peft_config=peft_config or alora_args.to_config(model_args))
-    return trainer, train_set, eval_set, base_model
+                         quantization_config=get_quantization_config(model_args), peft_config=peft_config)
+    return trainer, train_set, eval_set, base_model, scoring_rows
 
 
 def main(script_args, training_args, model_args, dataset_args, alora_args, eval_args):
@@ -107,9 +132,9 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
     if training_args.load_best_model_at_end:
         raise ValueError(LOAD_BEST_REFUSED)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # ours, not TRL's card
-    trainer, train_set, eval_set, base_model = build_trainer(script_args, training_args, model_args, dataset_args,
-                                                             alora_args)
-    callback = ALoRACallback(trainer)
+    trainer, train_set, eval_set, base_model, scoring_rows = build_trainer(
+        script_args, training_args, model_args, dataset_args, alora_args, hold_out_scoring=True)
+    callback = ALoRACallback(trainer, scoring_dataset=scoring_rows)
     trainer.add_callback(callback)
     tuner = trainer.model.base_model
     trainer.accelerator.print(
@@ -124,6 +149,7 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
     summary = save_outputs(trainer, callback, base_model=base_model, before=before, after=after,
                            run={"dataset": script_args.dataset_name or SHIPPED_DATASET,
                                 "train_examples": _size(train_set), "eval_examples": _size(eval_set),
+                                "scoring_examples_held_out": _size(scoring_rows),
                                 "task_metric": eval_args.task_metric,
                                 "base_weights": None if model_args.model_name_or_path else PACKAGED_WEIGHTS},
                            wall_seconds=time.perf_counter() - started)
