@@ -43,6 +43,7 @@ from peft_alora.callback import scoring_indices  # noqa: E402
 from peft_alora.cli.args import parse_args  # noqa: E402
 from peft_alora.cli.evaluation import loss_and_exact_match  # noqa: E402
 from peft_alora.cli.sft import build_trainer  # noqa: E402
+from peft_alora.report import split_module_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "adalora", "alora")
@@ -79,8 +80,18 @@ def active_ranks(model, method: str) -> int:
                if hasattr(m, "lora_A") and "default" in m.lora_A)
 
 
+def final_ranks(model) -> dict:
+    """ALoRA's final active ranks, per module and summed per module type (where the rounds moved the budget)."""
+    per_module = {name: layer.num_active("default") for name, layer in model.base_model.gated_layers()}
+    per_type: dict = {}
+    for name, count in per_module.items():
+        mtype = split_module_name(name)[1]
+        per_type[mtype] = per_type.get(mtype, 0) + count
+    return {"per_type_ranks": per_type, "final_ranks": per_module}
+
+
 def alora_scoring_examples(alora_flags: str) -> int:
-    """The ALoRA runs' scoring-set size, ``--alora-flags`` included (the same rows are left out for every
+    """The ALoRA runs' scoring-set size, from every flag they get (the same rows are left out for every
     method, to compare alike)."""
     _, _, _, _, alora, _ = parse_args(alora_flags.split())
     return alora.scoring_examples
@@ -117,7 +128,8 @@ def run(method: str, seed: int, args) -> dict:
     return {"method": method, "seed": seed, "eval_loss": after["eval_loss"], "exact_match": after["exact_match"],
             "eval_loss_unseen": unseen["eval_loss"], "exact_match_unseen": unseen["exact_match"],
             "unseen_rows": unseen["exact_match_examples"],
-            "active_ranks": active_ranks(trainer.model, method), "train_seconds": seconds}
+            "active_ranks": active_ranks(trainer.model, method), "train_seconds": seconds,
+            **(final_ranks(trainer.model) if method == "alora" else {})}
 
 
 def main(argv=None):
@@ -141,7 +153,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "quality_sft.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.scoring_examples = alora_scoring_examples(args.alora_flags)  # before any trainer: parsing resets accelerate
+    # before any trainer: parsing resets accelerate
+    args.scoring_examples = alora_scoring_examples(f"{args.flags} {args.alora_flags}")
     if args.leave_out is None:
         args.leave_out = args.scoring_examples
     elif args.leave_out < args.scoring_examples:
