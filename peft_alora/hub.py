@@ -50,7 +50,8 @@ def _held_out_note(summary: dict) -> str:
     held = summary.get("scoring_examples_held_out")
     if not held:
         return ""
-    return (f"\n\nMeasured on the {summary.get('eval_examples')} eval examples outside ALoRA's scoring set: "
+    counted = summary.get("eval_examples")  # None for a streaming split
+    return (f"\n\nMeasured on the {f'{counted} ' if counted else ''}eval examples outside ALoRA's scoring set: "
             f"{held} of the eval split were used to score ranks and aim regrown ones, and are left out.")
 
 

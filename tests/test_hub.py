@@ -49,6 +49,19 @@ def test_card_says_peft_base_model_ranks_results_and_loading(alora_sft_run):
     assert "LoRARequest" in card and "enable_lora=True" in card
 
 
+def test_card_names_the_rows_kept_out_of_eval(alora_sft_run):
+    """The card says which eval rows ALoRA's scoring set took; a streaming split has no row count to give."""
+    from peft_alora.hub import model_card
+
+    summary, _, _ = alora_sft_run
+    card = model_card(summary, TINY_RUN_REPO)
+    assert "Measured on the 76 eval examples outside ALoRA's scoring set: 4 of the eval split" in card
+    streamed = model_card({**summary, "eval_examples": None}, TINY_RUN_REPO)
+    assert "Measured on the eval examples outside ALoRA's scoring set: 4 of the eval split" in streamed
+    assert "outside ALoRA's scoring set" not in model_card({**summary, "scoring_examples_held_out": None},
+                                                           TINY_RUN_REPO)
+
+
 def test_checkpoints_and_pickles_stay_local(alora_sft_run, tmp_path):
     import shutil
 

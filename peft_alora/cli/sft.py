@@ -146,10 +146,13 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = measure(trainer, eval_set, eval_args, "after")
 
+    held_out = _size(scoring_rows)
+    if held_out is None:  # streaming: the split's first scoring_examples rows
+        held_out = trainer.model.peft_config[trainer.model.active_adapter].scoring_examples
     summary = save_outputs(trainer, callback, base_model=base_model, before=before, after=after,
                            run={"dataset": script_args.dataset_name or SHIPPED_DATASET,
                                 "train_examples": _size(train_set), "eval_examples": _size(eval_set),
-                                "scoring_examples_held_out": _size(scoring_rows),
+                                "scoring_examples_held_out": held_out,
                                 "task_metric": eval_args.task_metric,
                                 "base_weights": None if model_args.model_name_or_path else PACKAGED_WEIGHTS},
                            wall_seconds=time.perf_counter() - started)
