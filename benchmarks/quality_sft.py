@@ -43,7 +43,7 @@ from peft_alora.callback import scoring_indices  # noqa: E402
 from peft_alora.cli.args import parse_args  # noqa: E402
 from peft_alora.cli.evaluation import loss_and_exact_match  # noqa: E402
 from peft_alora.cli.sft import build_trainer  # noqa: E402
-from peft_alora.report import split_module_name  # noqa: E402
+from peft_alora.report import type_totals  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "adalora", "alora")
@@ -83,17 +83,13 @@ def active_ranks(model, method: str) -> int:
 def final_ranks(model) -> dict:
     """ALoRA's final active ranks, per module and summed per module type (where the rounds moved the budget)."""
     per_module = {name: layer.num_active("default") for name, layer in model.base_model.gated_layers()}
-    per_type: dict = {}
-    for name, count in per_module.items():
-        mtype = split_module_name(name)[1]
-        per_type[mtype] = per_type.get(mtype, 0) + count
-    return {"per_type_ranks": per_type, "final_ranks": per_module}
+    return {"per_type_ranks": type_totals(per_module), "final_ranks": per_module}
 
 
-def alora_scoring_examples(alora_flags: str) -> int:
+def alora_scoring_examples(flags: str) -> int:
     """The ALoRA runs' scoring-set size, from every flag they get (the same rows are left out for every
     method, to compare alike)."""
-    _, _, _, _, alora, _ = parse_args(alora_flags.split())
+    _, _, _, _, alora, _ = parse_args(flags.split())
     return alora.scoring_examples
 
 

@@ -33,8 +33,9 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    loaded = [series(spec) for spec in args.series]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (label, rows) in enumerate(map(series, args.series)):
+    for i, (label, rows) in enumerate(loaded):
         xs = [row["active_ranks"] * (1 + 0.03 * (i - 1)) for row in rows]  # a small shift keeps series apart
         ys = [row["eval_loss_unseen"] for row in rows]
         dots = ax.scatter(xs, ys, s=14, alpha=0.6)
@@ -42,7 +43,7 @@ def main(argv=None):
         ax.hlines(median, min(xs) * 0.97, max(xs) * 1.03, colors=dots.get_facecolor()[:1], linewidth=2.5,
                   label=f"{label}: median {median:.4f} ({len(ys)} seeds)")
     ax.set_xscale("log")
-    ticks = sorted({row["active_ranks"] for _, rows in map(series, args.series) for row in rows})
+    ticks = sorted({row["active_ranks"] for _, rows in loaded for row in rows})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("active LoRA ranks at the end (log scale)")

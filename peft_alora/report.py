@@ -69,7 +69,8 @@ def allocation_matrix(active: Mapping[str, int]) -> Tuple[List[int], List[str], 
     return layers, types, [[0 if v is None else v for v in row] for row in matrix]
 
 
-def _type_totals(active: Mapping[str, int]) -> Dict[str, int]:
+def type_totals(active: Mapping[str, int]) -> Dict[str, int]:
+    """Active ranks summed per module type (the last part of each module name)."""
     totals: Dict[str, int] = {}
     for name, count in active.items():
         mtype = split_module_name(name)[1]
@@ -92,8 +93,8 @@ def _summary(history: List[Mapping]) -> dict:
         "initial_active_total": _active_total(first),
         "final_active_total": _active_total(last),
         "final_trainable_params": last.get("trainable_params"),
-        "initial_per_type_totals": _type_totals(first["active"]),
-        "final_per_type_totals": _type_totals(last["active"]),
+        "initial_per_type_totals": type_totals(first["active"]),
+        "final_per_type_totals": type_totals(last["active"]),
         "total_scoring_seconds": sum(float(e.get("scoring_seconds") or 0.0) for e in history),
     }
 
@@ -199,7 +200,7 @@ def _draw(history: List[Mapping], summary: dict, path: Path, title: str, loss_cu
         plt.setp(ax_total.get_xticklabels(), visible=False)
     ax_total.grid(alpha=0.3)
 
-    per_round = [_type_totals(e["active"]) for e in history]
+    per_round = [type_totals(e["active"]) for e in history]
     for mtype in types:
         ax_types.plot(rounds, [t.get(mtype, 0) for t in per_round], marker=".", label=mtype)
     ax_types.set_ylabel("active ranks per type")

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..export import export_lora
-from ..report import split_module_name
+from ..report import type_totals
 from .plots import write_loss_curve
 
 NATIVE_SUBFOLDER = "alora"
@@ -38,14 +38,6 @@ def _name_base_model(folder: Path, base_model: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _per_type(ranks: dict) -> dict:
-    totals: dict = {}
-    for name, count in ranks.items():
-        mtype = split_module_name(name)[1]
-        totals[mtype] = totals.get(mtype, 0) + count
-    return totals
-
-
 def rank_summary(tuner, adapter: str, history: list) -> dict:
     """Active ranks and active trainable parameters, first and last, with the capacity beside them."""
     ranks = {name: layer.num_active(adapter) for name, layer in tuner.gated_layers(adapter)}
@@ -60,7 +52,7 @@ def rank_summary(tuner, adapter: str, history: list) -> dict:
         "active_trainable_params_final": tuner.count_active_parameters(adapter),
         "rounds": max(len(history) - 1, 0),
         "scoring_seconds": round(sum(float(e.get("scoring_seconds") or 0) for e in history), 2),
-        "per_type_ranks": _per_type(ranks),
+        "per_type_ranks": type_totals(ranks),
         "per_module_ranks": ranks,
     }
 
