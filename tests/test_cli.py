@@ -79,6 +79,19 @@ def test_load_best_model_at_end_is_refused():
         main(*parsed)
 
 
+def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_path):
+    from peft_alora.cli import cli
+
+    missing_model = tmp_path / "no-model-here"  # loading it would fail with another error
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"),
+             "--allocation_rounds", "40"])
+    message = str(exit_info.value.code)
+    assert message.startswith("alora-sft: error: ALoRAConfig: 40 rounds do not fit")
+    assert "--max_steps 30" in message and "lower allocation_rounds" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_default_model_exits_with_the_installs(monkeypatch, tmp_path):
     from peft_alora import models
     from peft_alora.cli import cli

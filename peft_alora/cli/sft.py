@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trl import SFTTrainer, get_dataset, get_quantization_config
 
+from ..allocator import resolve_schedule
 from ..callback import ALoRACallback, scoring_indices
 from ..distributed import leave_process_group
 from .args import parse_args
@@ -127,13 +128,31 @@ def build_trainer(script_args, training_args, model_args, dataset_args, alora_ar
     return trainer, train_set, eval_set, base_model, scoring_rows
 
 
+class RecipeError(ValueError):
+    """A setting the recipe refuses before it loads anything; ``alora-sft`` prints it without a traceback."""
+
+
+def check_before_loading(training_args, peft_config) -> None:
+    """Refuse what would fail later. With ``max_steps`` given, a schedule that does not fit the run is
+    found here in milliseconds; otherwise the callback finds it at train begin, once the epochs' steps
+    are known (after the model has loaded and been evaluated)."""
+    if training_args.load_best_model_at_end:
+        raise RecipeError(LOAD_BEST_REFUSED)
+    if training_args.max_steps > 0:
+        try:
+            resolve_schedule(peft_config, training_args.max_steps)
+        except ValueError as error:
+            raise RecipeError(f"{error} (--max_steps {training_args.max_steps})") from None
+
+
 def main(script_args, training_args, model_args, dataset_args, alora_args, eval_args):
     started = time.perf_counter()
-    if training_args.load_best_model_at_end:
-        raise ValueError(LOAD_BEST_REFUSED)
+    peft_config = alora_args.to_config(model_args)
+    check_before_loading(training_args, peft_config)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # ours, not TRL's card
     trainer, train_set, eval_set, base_model, scoring_rows = build_trainer(
-        script_args, training_args, model_args, dataset_args, alora_args, hold_out_scoring=True)
+        script_args, training_args, model_args, dataset_args, alora_args, peft_config=peft_config,
+        hold_out_scoring=True)
     callback = ALoRACallback(trainer, scoring_dataset=scoring_rows)
     trainer.add_callback(callback)
     tuner = trainer.model.base_model
@@ -174,7 +193,7 @@ def cli(args=None):
     parsed = parse_args(args)
     try:
         summary = main(*parsed)
-    except DefaultModelUnavailable as error:  # an install step, not a bug: no traceback
+    except (DefaultModelUnavailable, RecipeError) as error:  # an install step or a setting, not a bug: no traceback
         raise SystemExit(f"alora-sft: error: {error}") from None
     leave_process_group()
     return summary
