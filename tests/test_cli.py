@@ -79,6 +79,19 @@ def test_load_best_model_at_end_is_refused():
         main(*parsed)
 
 
+def test_console_script_exits_0_after_a_run(monkeypatch):
+    """The console script runs ``sys.exit(entry_point())``: a finished run must exit 0, not print its summary and exit 1."""
+    from importlib.metadata import entry_points
+
+    from peft_alora.cli import sft
+
+    monkeypatch.setattr(sft, "main", lambda *parsed: {"eval_loss": 0.01})  # a run that finished
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "alora-sft"]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(script.load()([]))
+    assert exit_info.value.code is None
+
+
 def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_path):
     from peft_alora.cli import cli
 

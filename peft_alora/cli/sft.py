@@ -186,14 +186,16 @@ def main(script_args, training_args, model_args, dataset_args, alora_args, eval_
     return summary
 
 
-def cli(args=None):
-    """Entry point of the ``alora-sft`` console script and of ``python -m peft_alora.cli``."""
+def cli(args=None) -> None:
+    """Entry point of the ``alora-sft`` console script and of ``python -m peft_alora.cli``.
+
+    Returns nothing: the console script exits with what this returns, and anything but None would
+    make a finished run exit 1. ``main`` returns the run's summary."""
     from ..models import DefaultModelUnavailable
 
     parsed = parse_args(args)
     try:
-        summary = main(*parsed)
+        main(*parsed)
     except (DefaultModelUnavailable, RecipeError) as error:  # an install step or a setting, not a bug: no traceback
         raise SystemExit(f"alora-sft: error: {error}") from None
     leave_process_group()
-    return summary
