@@ -166,6 +166,21 @@ def upload_files(out_dir) -> list[str]:
     return list(filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE))
 
 
+def push_problem(token: Optional[str] = None) -> Optional[str]:
+    """Why a push at the end of a run would fail, found before training (no network call): offline mode,
+    or no token. None when nothing is known to stand in the way."""
+    from huggingface_hub import constants, get_token
+
+    later = ("or train without --push_to_hub and push the finished folder later with "
+             "`peft_alora.hub.push_output_dir(output_dir, repo_id)`.")
+    if constants.HF_HUB_OFFLINE:
+        return f"--push_to_hub true, but HF_HUB_OFFLINE is set, so the push after training would fail: unset it, {later}"
+    if token is None and get_token() is None:
+        return ("--push_to_hub true, but there is no Hugging Face token, so the push after training would fail: run "
+                f"`hf auth login`, set HF_TOKEN or pass --hub_token, {later}")
+    return None
+
+
 def push_output_dir(out_dir, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
                     api=None) -> str:
     """Create ``repo_id`` if needed, rewrite the card for it and upload the folder; returns the repo URL.

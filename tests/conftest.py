@@ -160,8 +160,11 @@ class FakeHubApi:
     remote = None
     calls: list = []
 
+    tokens: list = []
+
     def __init__(self, token=None):
         self.token = token
+        FakeHubApi.tokens.append(token)
 
     def create_repo(self, repo_id, **kwargs):
         FakeHubApi.calls.append(("create_repo", repo_id, kwargs))
@@ -198,17 +201,19 @@ def alora_sft_run(toy_chat_llama_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("alora-sft-run")
     FakeHubApi.remote = tmp_path_factory.mktemp("fake-hub")
+    FakeHubApi.tokens = []
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with mock.patch("huggingface_hub.HfApi", FakeHubApi):
+        # the tests run offline: the fake Hub stands in for the real one, so the offline refusal is lifted
+        with mock.patch("huggingface_hub.HfApi", FakeHubApi), mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", False):
             summary = main(*parse_args([
                 "--config", "recipes/SmolLM2-135M-Instruct/alora_cpu.yaml", "--model_name_or_path",
                 toy_chat_llama_dir, "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size",
                 "4", "--max_length", "64", "--lora_r", "2", "--max_r", "4", "--allocation_rounds", "2",
                 "--scoring_examples", "4", "--scoring_batch_size", "4",
                 "--show_generations", "2", "--max_new_tokens", "6", "--logging_steps", "1", "--disable_tqdm", "true",
-                "--push_to_hub", "true", "--hub_model_id", TINY_RUN_REPO]))
+                "--push_to_hub", "true", "--hub_model_id", TINY_RUN_REPO, "--hub_token", "test-token"]))
     finally:
         torch.set_num_threads(previous)
     return summary, Path(out), Path(FakeHubApi.remote) / TINY_RUN_REPO

@@ -105,6 +105,27 @@ def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_push_that_cannot_happen_stops_before_anything_loads(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from peft_alora.cli import cli
+
+    args = ["--model_name_or_path", str(tmp_path / "no-model-here"), "--output_dir", str(tmp_path / "out"),
+            "--push_to_hub", "true", "--hub_model_id", "you/name"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    assert str(exit_info.value.code).startswith("alora-sft: error: --push_to_hub true, but HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    message = str(exit_info.value.code)
+    assert "no Hugging Face token" in message and "--hub_token" in message and "push_output_dir" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_default_model_exits_with_the_installs(monkeypatch, tmp_path):
     from peft_alora import models
     from peft_alora.cli import cli

@@ -29,6 +29,14 @@ def test_pushed_repository_layout(alora_sft_run):
     assert files == set(upload_files(out))
 
 
+def test_the_token_is_used_but_never_written(alora_sft_run):
+    _, out, remote = alora_sft_run
+    assert FakeHubApi.tokens[0] == "test-token"  # the run's --hub_token reached the Hub client
+    for folder in (out, remote):
+        for path in folder.rglob("*"):
+            assert not path.is_file() or b"test-token" not in path.read_bytes(), path
+
+
 def test_card_says_peft_base_model_ranks_results_and_loading(alora_sft_run):
     summary, _, remote = alora_sft_run
     card = (remote / "README.md").read_text()

@@ -133,11 +133,18 @@ class RecipeError(ValueError):
 
 
 def check_before_loading(training_args, peft_config) -> None:
-    """Refuse what would fail later. With ``max_steps`` given, a schedule that does not fit the run is
-    found here in milliseconds; otherwise the callback finds it at train begin, once the epochs' steps
-    are known (after the model has loaded and been evaluated)."""
+    """Refuse what would fail later: a push the Hub cannot take (offline, no token), and, with
+    ``max_steps`` given, a schedule that does not fit the run. Without ``max_steps`` the callback finds
+    a bad schedule at train begin, once the epochs' steps are known (after the model has loaded and been
+    evaluated)."""
     if training_args.load_best_model_at_end:
         raise RecipeError(LOAD_BEST_REFUSED)
+    if training_args.push_to_hub:
+        from ..hub import push_problem
+
+        problem = push_problem(training_args.hub_token)
+        if problem:
+            raise RecipeError(problem)
     if training_args.max_steps > 0:
         try:
             resolve_schedule(peft_config, training_args.max_steps)
