@@ -294,6 +294,13 @@ class RankAllocator:
 
         Returns the grown slots and, when gradient regrowth ran its pass over the scoring set, the
         scoring loss after the round (the new ranks do not change the output)."""
+        if optimizer is None and plan.grown and not getattr(self, "_warned_no_optimizer", False):
+            self._warned_no_optimizer = True
+            warnings.warn(
+                "ALoRA: this round regrows ranks but got no optimizer, so their slots keep the optimizer moments "
+                "(e.g. Adam's) from before they were pruned and the new ranks start with stale steps: pass it, "
+                "allocator.step(step, optimizer). (Optimizers without per-parameter state can ignore this.)",
+                stacklevel=4)
         pruned = set(plan.pruned)
         for module, slot in plan.pruned:
             self.layers[module].deactivate_slot(self.adapter, slot)

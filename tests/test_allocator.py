@@ -1,5 +1,7 @@
 """RankAllocator in a custom training loop: schedule, applied decisions, fresh slots, optimizer state."""
 
+import warnings
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -77,6 +79,20 @@ def test_grown_slots_start_fresh_and_pruned_slots_are_not_reused_in_the_same_rou
         assert layer.lora_gate["default"][slot] == 1
         assert torch.count_nonzero(layer.lora_B["default"].weight[:, slot]) == 0  # output unchanged
         assert torch.count_nonzero(layer.lora_A["default"].weight[slot]) > 0
+
+
+def test_a_round_without_the_optimizer_warns_once_that_moments_were_not_reset():
+    model, allocator, optimizer, ids = _setup()
+    for step in range(1, 3):
+        _train_step(model, optimizer, ids)
+    with pytest.warns(UserWarning, match=r"got no optimizer.*allocator.step\(step, optimizer\)"):
+        record = allocator.step(2)
+    assert record["grown_slots"]
+    for step in range(3, 5):
+        _train_step(model, optimizer, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per allocator, not every round
+        assert allocator.step(4)["grown_slots"]
 
 
 @pytest.mark.parametrize("optimizer_cls", [
