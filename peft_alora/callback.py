@@ -132,6 +132,11 @@ class ALoRACallback(TrainerCallback):
         self.report_paths: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        handler = getattr(self.trainer, "callback_handler", None)
+        copies = sum(isinstance(c, ALoRACallback) for c in getattr(handler, "callbacks", ()))
+        if copies > 1:
+            raise ValueError(f"ALoRACallback was added {copies} times to this trainer: each copy would run every "
+                             "round, pruning and regrowing ranks that many times. Add it once.")
         model = model if model is not None else self.trainer.model
         tuner_config = _alora_config(model, self.adapter_name)
         check_engine(model, optimizer)

@@ -138,6 +138,18 @@ def test_no_scoring_data_is_a_clear_error(tmp_path):
         run_sft(tmp_path, eval_n=0)
 
 
+def test_the_callback_added_twice_is_refused_before_training(tmp_path):
+    trainer = SFTTrainer(model=toy_llama(len(TOKENIZER)), args=sft_args(tmp_path),
+                         train_dataset=toy_dataset(48, seed=0), eval_dataset=toy_dataset(16, seed=1),
+                         processing_class=TOKENIZER, peft_config=alora_config())
+    trainer.add_callback(ALoRACallback(trainer))
+    trainer.add_callback(ALoRACallback(trainer))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="added 2 times"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
 def test_schedule_that_does_not_fit_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="allocation_rounds"):
         run_sft(tmp_path, alora=alora_config(allocation_rounds=8))  # rounds at 2..16 in an 8-step run
