@@ -125,6 +125,7 @@ class RankAllocator:
             raise ValueError(f"adapter {self.adapter!r} has no gated ALoRA layer")
         self.scoring = scoring
         self.total_steps = total_steps
+        self.tuner.allocating = True
         self.schedule = resolve_schedule(self.config, total_steps)
         self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})
         self.budget_initial = self.config.r * len(self.layers)

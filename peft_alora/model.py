@@ -32,9 +32,24 @@ class ALoRAModel(LoraModel):
 
     prefix: str = "lora_"
 
+    allocating: bool = False  # set by RankAllocator: rounds will score, prune and regrow this adapter
+
     def inject_adapter(self, model, *args, **kwargs):
         super().inject_adapter(model, *args, **kwargs)
         keep_4bit_layers_differentiable(model)
+        if not getattr(self, "_watching_for_allocator", False):
+            # on the base model: PeftModel.forward calls it directly, PeftModelForCausalLM through this tuner
+            model.register_forward_pre_hook(self._warn_if_training_unallocated)
+            self._watching_for_allocator = True
+
+    def _warn_if_training_unallocated(self, module, args):
+        if module.training and not self.allocating and not getattr(self, "_warned_unallocated", False):
+            self._warned_unallocated = True  # once: a forgotten callback, not a per-step complaint
+            warnings.warn(
+                "ALoRA: this adapter is training with no RankAllocator attached, so no rank will be scored, pruned "
+                "or regrown: it trains as a plain LoRA with r ranks per module. Add "
+                "trainer.add_callback(ALoRACallback(trainer)), or build a RankAllocator and call allocator.step(step, "
+                "optimizer) in your loop.", stacklevel=2)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):

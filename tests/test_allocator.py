@@ -81,6 +81,26 @@ def test_grown_slots_start_fresh_and_pruned_slots_are_not_reused_in_the_same_rou
         assert torch.count_nonzero(layer.lora_A["default"].weight[slot]) > 0
 
 
+def test_training_without_an_allocator_warns_once_that_nothing_will_be_allocated():
+    model = get_peft_model(make_tiny_llama(seed=0), peft_alora.ALoRAConfig(r=2, target_modules=TARGETS))
+    ids = random_batch(n=2, length=8, seed=5)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)  # evaluation or generation: no warning
+    model.train()
+    with pytest.warns(UserWarning, match="no RankAllocator attached.*ALoRACallback"):
+        model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)  # once
+
+    model, allocator, optimizer, ids = _setup()  # with an allocator (as ALoRACallback builds at train begin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(model, optimizer, ids)
+
+
 def test_a_round_without_the_optimizer_warns_once_that_moments_were_not_reset():
     model, allocator, optimizer, ids = _setup()
     for step in range(1, 3):
