@@ -37,10 +37,17 @@ class ALoRAModel(LoraModel):
     def inject_adapter(self, model, *args, **kwargs):
         super().inject_adapter(model, *args, **kwargs)
         keep_4bit_layers_differentiable(model)
-        if not getattr(self, "_watching_for_allocator", False):
+        if getattr(self, "_allocator_watch", None) is None:
             # on the base model: PeftModel.forward calls it directly, PeftModelForCausalLM through this tuner
-            model.register_forward_pre_hook(self._warn_if_training_unallocated)
-            self._watching_for_allocator = True
+            self._allocator_watch = model.register_forward_pre_hook(self._warn_if_training_unallocated)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        """``merge_and_unload`` / ``unload``: the plain model they return no longer watches for an allocator."""
+        base = super()._unload_and_optionally_merge(*args, **kwargs)
+        if getattr(self, "_allocator_watch", None) is not None:
+            self._allocator_watch.remove()
+            self._allocator_watch = None
+        return base
 
     def _warn_if_training_unallocated(self, module, args):
         if module.training and not self.allocating and not getattr(self, "_warned_unallocated", False):

@@ -95,6 +95,14 @@ def test_training_without_an_allocator_warns_once_that_nothing_will_be_allocated
         warnings.simplefilter("error")
         model(input_ids=ids)  # once
 
+    for unload in ("merge_and_unload", "unload"):  # the plain model they return trains without the warning
+        plain = getattr(get_peft_model(make_tiny_llama(seed=0), peft_alora.ALoRAConfig(r=2, target_modules=TARGETS)),
+                        unload)()
+        plain.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plain(input_ids=ids)
+
     model, allocator, optimizer, ids = _setup()  # with an allocator (as ALoRACallback builds at train begin)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
