@@ -125,7 +125,6 @@ class RankAllocator:
             raise ValueError(f"adapter {self.adapter!r} has no gated ALoRA layer")
         self.scoring = scoring
         self.total_steps = total_steps
-        self.tuner.allocating = True
         self.schedule = resolve_schedule(self.config, total_steps)
         self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})
         self.budget_initial = self.config.r * len(self.layers)
@@ -140,7 +139,9 @@ class RankAllocator:
         self.seed = seed
         self.progress = progress
         self.rounds_done = 0
+        self.warned_no_optimizer = False
         self.history: list[dict] = [self._record(round_index=0, step=0, plan=RoundPlan(), seconds=0.0)]
+        self.tuner.stop_watching_for_allocator()  # rounds will run: no "trains as plain LoRA" warning
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -295,8 +296,8 @@ class RankAllocator:
 
         Returns the grown slots and, when gradient regrowth ran its pass over the scoring set, the
         scoring loss after the round (the new ranks do not change the output)."""
-        if optimizer is None and plan.grown and not getattr(self, "_warned_no_optimizer", False):
-            self._warned_no_optimizer = True
+        if optimizer is None and plan.grown and not self.warned_no_optimizer:
+            self.warned_no_optimizer = True
             warnings.warn(
                 "ALoRA: this round regrows ranks but got no optimizer, so their slots keep the optimizer moments "
                 "(e.g. Adam's) from before they were pruned and the new ranks start with stale steps: pass it, "

@@ -32,26 +32,32 @@ class ALoRAModel(LoraModel):
 
     prefix: str = "lora_"
 
-    allocating: bool = False  # set by RankAllocator: rounds will score, prune and regrow this adapter
+    _allocator_watch = None  # forward pre-hook handle until a RankAllocator attaches (or a warning was given)
+    _allocator_seen = False  # once stopped, later adapters do not start watching again
 
     def inject_adapter(self, model, *args, **kwargs):
         super().inject_adapter(model, *args, **kwargs)
         keep_4bit_layers_differentiable(model)
-        if getattr(self, "_allocator_watch", None) is None:
+        if self._allocator_watch is None and not self._allocator_seen:
             # on the base model: PeftModel.forward calls it directly, PeftModelForCausalLM through this tuner
             self._allocator_watch = model.register_forward_pre_hook(self._warn_if_training_unallocated)
+
+    def stop_watching_for_allocator(self) -> None:
+        """Remove the forward pre-hook: a RankAllocator attached, the warning was given, or the model is unloaded."""
+        self._allocator_seen = True
+        if self._allocator_watch is not None:
+            self._allocator_watch.remove()
+            self._allocator_watch = None
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         """``merge_and_unload`` / ``unload``: the plain model they return no longer watches for an allocator."""
         base = super()._unload_and_optionally_merge(*args, **kwargs)
-        if getattr(self, "_allocator_watch", None) is not None:
-            self._allocator_watch.remove()
-            self._allocator_watch = None
+        self.stop_watching_for_allocator()
         return base
 
     def _warn_if_training_unallocated(self, module, args):
-        if module.training and not self.allocating and not getattr(self, "_warned_unallocated", False):
-            self._warned_unallocated = True  # once: a forgotten callback, not a per-step complaint
+        if module.training:
+            self.stop_watching_for_allocator()  # once: a forgotten callback, not a per-step complaint
             warnings.warn(
                 "ALoRA: this adapter is training with no RankAllocator attached, so no rank will be scored, pruned "
                 "or regrown: it trains as a plain LoRA with r ranks per module. Add "
