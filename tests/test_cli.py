@@ -32,7 +32,7 @@ def test_no_arguments_is_the_real_model_default():
     script, training, model, _, alora, evals = parse_args([])
     assert model.model_name_or_path is None and script.dataset_name is None  # packaged SmolLM2, shipped data
     config = alora.to_config(model)
-    assert config.target_modules == "all-linear" and (config.r, config.max_r) == (8, 16)
+    assert config.target_modules == "all-linear" and (config.r, config.capacity) == (8, 16)
     assert config.scorer == "fast"  # the exact scorer costs hours per round on SmolLM2 on a CPU
     assert training.use_cpu and training.max_steps == 30 and not training.load_best_model_at_end
     assert evals.task_metric == "exact_match" and evals.show_generations > 0

@@ -42,6 +42,11 @@ def test_recipe_parses_with_valid_values(recipe, monkeypatch):
     if recipe.parent.name != "SmolLM2-135M-Instruct":
         assert model.model_name_or_path.endswith(recipe.parent.name) and script.dataset_name
         assert training.bf16 and not training.use_cpu
+    # no recipe pins max_r: a user who changes only --lora_r gets 2 x r slots (a pinned 16 refused r = 32 and
+    # gave r = 1 sixteen slots)
+    assert config.max_r is None and config.capacity == 2 * config.r
+    *_, changed_r, _, changed, _ = parse_args(["--config", str(recipe), "--lora_r", "4"])
+    assert changed.to_config(changed_r).capacity == 8
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
