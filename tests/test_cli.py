@@ -105,6 +105,19 @@ def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--scoring_examples", "80"], "the eval split has 80 rows and ALoRA's scoring set takes scoring_examples=80"),
+    (["--dataset_test_split", "validation"], "dataset has splits ['test', 'train'], not ['validation']"),
+])
+def test_a_scoring_set_or_split_the_data_cannot_give_stops_before_the_model_loads(tmp_path, flags, expected):
+    from peft_alora.cli import cli
+
+    missing_model = tmp_path / "no-model-here"  # loading it would fail with another error
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"), *flags])
+    assert str(exit_info.value.code).startswith(f"alora-sft: error: {expected}")  # a message, not a traceback
+
+
 def test_a_push_that_cannot_happen_stops_before_anything_loads(tmp_path, monkeypatch):
     import huggingface_hub
 

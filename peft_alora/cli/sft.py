@@ -43,6 +43,10 @@ def resolve_model(model_args) -> tuple[str, str]:
     return str(default_model_path()), HUB_ID
 
 
+class RecipeError(ValueError):
+    """A setting the recipe refuses before it loads the model; ``alora-sft`` prints it without a traceback."""
+
+
 def load_splits(script_args, dataset_args):
     """The train and eval splits: a TRL dataset mixture, a named dataset, or the shipped ISO-dates task."""
     if dataset_args.datasets:
@@ -58,7 +62,7 @@ def load_splits(script_args, dataset_args):
         dataset = load_iso_dates()
     missing = [s for s in (script_args.dataset_train_split, script_args.dataset_test_split) if s not in dataset]
     if missing:
-        raise ValueError(
+        raise RecipeError(
             f"dataset has splits {sorted(dataset)}, not {missing}: set dataset_train_split / dataset_test_split "
             "(alora-sft needs an eval split: it scores ranks on it and reports eval loss before and after)."
         )
@@ -79,7 +83,7 @@ def hold_out_scoring_rows(eval_set, n_examples: int, seed: int):
     if not hasattr(eval_set, "__len__"):  # streaming: the first rows, as the callback takes them
         return eval_set.take(n_examples), eval_set.skip(n_examples)
     if len(eval_set) <= n_examples:
-        raise ValueError(
+        raise RecipeError(
             f"the eval split has {len(eval_set)} rows and ALoRA's scoring set takes scoring_examples={n_examples} "
             "of them, leaving none to evaluate on: lower scoring_examples or give a larger eval split "
             "(dataset_test_split)."
@@ -126,10 +130,6 @@ def build_trainer(script_args, training_args, model_args, dataset_args, alora_ar
     trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                          quantization_config=get_quantization_config(model_args), peft_config=peft_config)
     return trainer, train_set, eval_set, base_model, scoring_rows
-
-
-class RecipeError(ValueError):
-    """A setting the recipe refuses before it loads anything; ``alora-sft`` prints it without a traceback."""
 
 
 def check_before_loading(training_args, peft_config) -> None:
