@@ -26,6 +26,10 @@ __all__ = [
 ]
 
 
+class ScheduleError(ValueError):
+    """The rounds do not fit the run's optimizer steps (a setting to change, not a bug)."""
+
+
 def _check_count(n, what: str) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise ValueError(f"{what} must be an int, got {n!r}")
@@ -249,7 +253,7 @@ def schedule_steps(
         )
     steps = [int(start) + i * int(interval) for i in range(int(rounds))] if rounds > 1 else [int(start)]
     if steps[-1] >= total_steps:
-        raise ValueError(
+        raise ScheduleError(
             f"allocation round {len(steps)} would run after step {steps[-1]}, but training has only "
             f"{total_steps} steps, leaving none after it; lower {start_name} ({start}), "
             f"{interval_name} ({interval}) or {rounds_name} ({rounds}), or train for longer"

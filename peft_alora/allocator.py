@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .allocation import RoundPlan, plan_round, resolve_steps, schedule_steps
+from .allocation import RoundPlan, ScheduleError, plan_round, resolve_steps, schedule_steps
 from .distributed import check_engine, release_gathered
 from .model import ALoRAModel
 from .optim_state import reset_slots
@@ -44,7 +44,7 @@ def resolve_schedule(config, total_steps: int) -> list[int]:
     if config.allocation_interval is None and config.allocation_end is not None:
         end = resolve_steps(config.allocation_end, total_steps, "ALoRAConfig.allocation_end")
         if end < start:
-            raise ValueError(
+            raise ScheduleError(
                 f"ALoRAConfig.allocation_end ({config.allocation_end!r} = step {end}) is before allocation_start "
                 f"({config.allocation_start!r} = step {start}) in a {total_steps}-step run: set allocation_end >= "
                 "allocation_start."
@@ -56,13 +56,13 @@ def resolve_schedule(config, total_steps: int) -> list[int]:
                               interval_name="ALoRAConfig.allocation_interval",
                               rounds_name="ALoRAConfig.allocation_rounds")
     if end - start < rounds - 1:
-        raise ValueError(
+        raise ScheduleError(
             f"ALoRAConfig: {rounds} rounds do not fit between step {start} (allocation_start) and step {end} "
             f"(allocation_end) of a {total_steps}-step run: lower allocation_rounds, widen start/end, or train longer."
         )
     steps = [start + math.floor((end - start) * i / (rounds - 1) + 0.5) for i in range(rounds)]
     if steps[-1] >= total_steps:
-        raise ValueError(
+        raise ScheduleError(
             f"ALoRAConfig.allocation_end: the last round (after step {steps[-1]}) leaves no training in a "
             f"{total_steps}-step run: lower allocation_end or train longer."
         )

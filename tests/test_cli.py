@@ -38,6 +38,11 @@ def test_no_arguments_is_the_real_model_default():
     assert evals.task_metric == "exact_match" and evals.show_generations > 0
 
 
+def test_task_metric_none_turns_the_recipes_off():
+    assert parse_args([])[-1].task_metric == "exact_match"
+    assert parse_args(["--task_metric", "none"])[-1].task_metric is None
+
+
 def test_embedded_default_is_the_cpu_recipe():
     assert yaml.safe_load(DEFAULT_RECIPE.read_text()) == yaml.safe_load(Path(CPU_RECIPE).read_text())
 
@@ -116,6 +121,20 @@ def test_a_scoring_set_or_split_the_data_cannot_give_stops_before_the_model_load
     with pytest.raises(SystemExit) as exit_info:
         cli(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"), *flags])
     assert str(exit_info.value.code).startswith(f"alora-sft: error: {expected}")  # a message, not a traceback
+
+
+def test_a_schedule_that_does_not_fit_the_epochs_stops_with_the_message(toy_chat_llama_dir, tmp_path, torch_single_thread):
+    """Epochs only: the run's steps are known at train begin; the misfit is still a message, not a traceback."""
+    from peft_alora.cli import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "-1",
+             "--num_train_epochs", "0.05", "--per_device_train_batch_size", "4", "--max_length", "64", "--lora_r", "2",
+             "--scoring_examples", "4", "--scoring_batch_size", "4", "--show_generations", "0", "--task_metric", "none",
+             "--disable_tqdm", "true"])
+    message = str(exit_info.value.code)
+    assert message.startswith("alora-sft: error: ALoRAConfig: 4 rounds do not fit"), message
+    assert "of a 4-step run" in message and "found at train begin" in message
 
 
 def test_a_push_that_cannot_happen_stops_before_anything_loads(tmp_path, monkeypatch):

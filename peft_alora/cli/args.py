@@ -75,14 +75,17 @@ class EvalArguments:
 
     task_metric: Optional[str] = field(
         default=None, metadata={"help": f"Score the eval split's answers, one of {TASK_METRICS} (greedy exact match, "
-                                        "by teacher forcing, in the same pass as the eval loss)."})
+                                        "by teacher forcing, in the same pass as the eval loss); 'none' turns a recipe's off."})
     show_generations: int = field(default=0, metadata={"help": "Eval prompts whose greedy replies are shown and "
                                                                "kept in the summary, before and after training."})
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length of the shown replies."})
 
     def __post_init__(self):
+        if self.task_metric in ("none", ""):  # so that a flag can turn off the metric a recipe sets
+            self.task_metric = None
         if self.task_metric is not None and self.task_metric not in TASK_METRICS:
-            raise ValueError(f"task_metric={self.task_metric!r}: choose one of {TASK_METRICS} or leave it unset.")
+            raise ValueError(f"task_metric={self.task_metric!r}: choose one of {TASK_METRICS}, or 'none' for the "
+                             "eval loss alone.")
         for name in ("show_generations", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "max_new_tokens" and value == 0):

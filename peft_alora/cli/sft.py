@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trl import SFTTrainer, get_dataset, get_quantization_config
 
+from ..allocation import ScheduleError
 from ..allocator import resolve_schedule
 from ..callback import ALoRACallback, scoring_indices
 from ..distributed import leave_process_group
@@ -205,4 +206,7 @@ def cli(args=None) -> None:
         main(*parsed)
     except (DefaultModelUnavailable, RecipeError) as error:  # an install step or a setting, not a bug: no traceback
         raise SystemExit(f"alora-sft: error: {error}") from None
+    except ScheduleError as error:  # epochs only: the run's steps, hence the schedule, are known at train begin
+        raise SystemExit(f"alora-sft: error: {error} (found at train begin; with --max_steps given, alora-sft "
+                         "checks the schedule before the model loads)") from None
     leave_process_group()
