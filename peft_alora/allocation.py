@@ -17,6 +17,7 @@ Rank = Tuple[str, int]
 __all__ = [
     "Rank",
     "RoundPlan",
+    "ScheduleError",
     "select_pruned",
     "plan_regrowth",
     "mean_scores_by_module",
