@@ -26,6 +26,10 @@ from .scoring import IGNORE_INDEX, NO_SCORING_DATA, ScoringSet
 
 logger = logging.getLogger(__name__)
 
+NEEDS_TRAINER = (
+    "ALoRACallback needs its trainer (it scores on the trainer's eval data with the trainer's collator), so it cannot "
+    "go in Trainer(callbacks=[...]): build the trainer first, then trainer.add_callback(ALoRACallback(trainer))."
+)
 STATE_KEY = "ALoRAAllocator"  # entry in TrainerState.stateful_callbacks (saved in every checkpoint)
 
 
@@ -122,8 +126,10 @@ class ALoRACallback(TrainerCallback):
         report_dir: where ``alora_allocation.{json,png}`` go at the end; default ``args.output_dir``.
     """
 
-    def __init__(self, trainer, scoring_dataset=None, adapter_name: Optional[str] = None,
+    def __init__(self, trainer=None, scoring_dataset=None, adapter_name: Optional[str] = None,
                  report_dir: Optional[str] = None):
+        if trainer is None:  # e.g. Trainer(callbacks=[ALoRACallback]), which instantiates the class with no argument
+            raise TypeError(NEEDS_TRAINER)
         self.trainer = trainer
         self.scoring_dataset = scoring_dataset
         self.adapter_name = adapter_name

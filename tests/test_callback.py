@@ -138,6 +138,15 @@ def test_no_scoring_data_is_a_clear_error(tmp_path):
         run_sft(tmp_path, eval_n=0)
 
 
+@pytest.mark.parametrize("callback", [ALoRACallback, "instance"])
+def test_the_callback_in_the_trainers_constructor_says_how_to_add_it(tmp_path, callback):
+    """Trainer(callbacks=[ALoRACallback]) instantiates the class with no argument; ALoRACallback() is the same."""
+    with pytest.raises(TypeError, match=r"then trainer.add_callback\(ALoRACallback\(trainer\)\)"):
+        SFTTrainer(model=toy_llama(len(TOKENIZER)), args=sft_args(tmp_path), train_dataset=toy_dataset(8, seed=0),
+                   processing_class=TOKENIZER, peft_config=alora_config(),
+                   callbacks=[callback if callback is ALoRACallback else ALoRACallback()])
+
+
 def test_the_callback_added_twice_is_refused_before_training(tmp_path):
     trainer = SFTTrainer(model=toy_llama(len(TOKENIZER)), args=sft_args(tmp_path),
                          train_dataset=toy_dataset(48, seed=0), eval_dataset=toy_dataset(16, seed=1),
