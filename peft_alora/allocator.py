@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -93,9 +93,20 @@ def _unwrap_tuner(model) -> ALoRAModel:
     )
 
 
+def as_scoring_set(scoring) -> ScoringSet:
+    """A ``ScoringSet`` from what a custom loop may hand over: the set itself, collated batches (a list, a
+    DataLoader) or one batch (a dict). Checked here, not at the first round after steps of training."""
+    if isinstance(scoring, ScoringSet):
+        return scoring
+    if isinstance(scoring, Mapping):
+        return ScoringSet([dict(scoring)])
+    return ScoringSet(list(scoring) if scoring is not None else [])
+
+
 class RankAllocator:
     """Runs the rounds of docs/algorithm.md on ``model`` (a PeftModel holding an ALoRA adapter).
 
+    ``scoring``: a ``ScoringSet``, or the collated scoring batches (dicts with ``labels``).
     ``step(global_step, optimizer)`` after each optimizer step; it returns the round's record
     (a dict, also appended to ``history``) when a round ran. ``state_dict()`` /
     ``load_state_dict()`` give a JSON-serialisable state for checkpoints.
@@ -107,7 +118,7 @@ class RankAllocator:
     def __init__(
         self,
         model,
-        scoring: ScoringSet,
+        scoring,
         total_steps: int,
         adapter_name: Optional[str] = None,
         seed: int = 0,
@@ -123,7 +134,7 @@ class RankAllocator:
         self.layers = dict(self.tuner.gated_layers(self.adapter))
         if not self.layers:
             raise ValueError(f"adapter {self.adapter!r} has no gated ALoRA layer")
-        self.scoring = scoring
+        self.scoring = as_scoring_set(scoring)
         self.total_steps = total_steps
         self.schedule = resolve_schedule(self.config, total_steps)
         self.ranks_per_round = self.config.ranks_per_round or len({split_module_name(n)[1] for n in self.layers})

@@ -197,6 +197,26 @@ def test_schedule_that_does_not_fit_the_run_is_a_clear_error(cfg, total, match):
         resolve_schedule(cfg, total)
 
 
+def test_plain_scoring_batches_are_taken_and_checked_when_the_allocator_is_built():
+    """A custom loop may pass its collated batches (a list, a DataLoader, one dict) instead of a ScoringSet;
+    batches the scorer cannot use are refused at once, not at the first round."""
+    model, reference, *_ = _setup()
+    batches = reference.scoring.batches
+    loader = torch.utils.data.DataLoader([{"input_ids": b["input_ids"][i], "labels": b["labels"][i]}
+                                          for b in batches for i in range(len(b["input_ids"]))], batch_size=4)
+    for given, wanted in ((batches, batches), (loader, batches), (batches[0], batches[:1])):  # loader: same rows, order
+        allocator = RankAllocator(model, given, total_steps=8, seed=7)
+        assert len(allocator.scoring.batches) == len(wanted)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(allocator.scoring.batches, wanted))
+    ids = batches[0]["input_ids"]
+    with pytest.raises(ValueError, match="no scoring data"):
+        RankAllocator(model, [], total_steps=8)
+    with pytest.raises(ValueError, match="no scoring data"):
+        RankAllocator(model, None, total_steps=8)
+    with pytest.raises(ValueError, match="has no 'labels'"):
+        RankAllocator(model, [{"input_ids": ids}], total_steps=8)
+
+
 def test_a_model_without_alora_adapter_is_a_clear_error():
     from peft import LoraConfig
 
