@@ -105,7 +105,7 @@ def test_export_refuses_non_alora_and_empty_adapters(tiny_llama_dir, tiny_gpt2_d
     from peft import LoraConfig
 
     lora = get_peft_model(load_base("linear", tiny_llama_dir, tiny_gpt2_dir), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="no ALoRA gates"):
+    with pytest.raises(TypeError, match="'default' is a LoraConfig, not ALoRA.*save_pretrained"):
         peft_alora.export_lora(lora, tmp_path / "x")
     model = get_peft_model(load_base("linear", tiny_llama_dir, tiny_gpt2_dir), alora_config(target_modules=["q_proj"]))
     for _, layer in model.base_model.gated_layers():
@@ -113,6 +113,9 @@ def test_export_refuses_non_alora_and_empty_adapters(tiny_llama_dir, tiny_gpt2_d
             layer.deactivate_slot("default", slot)
     with pytest.raises(ValueError, match="no active rank"):
         peft_alora.export_lora(model, tmp_path / "y")
+    with pytest.raises(ValueError, match=r"adapter_name='other'.*adapters are \['default'\]"):
+        peft_alora.export_lora(model, tmp_path / "z", adapter_name="other")
+    assert not any((tmp_path / name).exists() for name in "xyz")
 
 
 _LOADER = textwrap.dedent("""
