@@ -228,7 +228,7 @@ def test_resume_with_the_same_settings_is_accepted():
 def test_unwritable_report_is_logged_not_raised(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the report folder should be")
-    callback = ALoRACallback(trainer=None, report_dir=str(blocker))
+    callback = ALoRACallback(trainer=SimpleNamespace(), report_dir=str(blocker))  # the report needs no trainer
     callback.allocator = _allocator()
     state = SimpleNamespace(is_world_process_zero=True, log_history=[])
     with pytest.warns(UserWarning, match="could not write the allocation report"):
