@@ -72,7 +72,8 @@ def test_unknown_flags_are_named(capsys):
 
 @pytest.mark.parametrize("args, field", [(["--allocation_rounds", "0"], "allocation_rounds"),
                                          (["--use_dora", "true"], "use_dora"),
-                                         (["--task_metric", "bleu"], "task_metric")])
+                                         (["--task_metric", "bleu"], "task_metric"),
+                                         (["--use_peft", "false"], "use_peft false: alora-sft always trains")])
 def test_invalid_values_are_refused_before_anything_loads(capsys, args, field):
     assert field in _error_of(capsys, args)
 
@@ -135,6 +136,15 @@ def test_a_schedule_that_does_not_fit_the_epochs_stops_with_the_message(toy_chat
     message = str(exit_info.value.code)
     assert message.startswith("alora-sft: error: ALoRAConfig: 4 rounds do not fit"), message
     assert "of a 4-step run" in message and "found at train begin" in message
+
+
+def test_target_modules_the_model_lacks_stop_with_peft_s_message(toy_chat_llama_dir, tmp_path):
+    from peft_alora.cli import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"),
+             "--lora_target_modules", "nonexistent_proj", "--scoring_examples", "4"])
+    assert str(exit_info.value.code).startswith("alora-sft: error: Target modules nonexistent_proj not found")
 
 
 def test_a_push_that_cannot_happen_stops_before_anything_loads(tmp_path, monkeypatch):

@@ -129,6 +129,8 @@ def parse_args(args: Optional[Sequence[str]] = None) -> tuple:
     if from_flags:
         fail(f"unknown arguments: {' '.join(from_flags)} (see `alora-sft --help`).")
     _, _, model_args, _, alora_args, _ = parsed
+    if not model_args.use_peft:  # TRL's flag; alora-sft always trains the ALoRA adapter, so false would be ignored
+        fail("use_peft false: alora-sft always trains an ALoRA adapter; for full fine-tuning use `trl sft`.")
     try:  # the adapter's own validation, before anything is loaded
         alora_args.to_config(model_args)
     except (ValueError, TypeError) as error:

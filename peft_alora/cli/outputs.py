@@ -108,7 +108,8 @@ def _held_out(summary: dict) -> str:
 def format_summary(summary: dict, out: Path) -> str:
     ranks, metric = summary["adapter"], summary.get("task_metric")
     lines = [f"alora-sft finished in {summary['wall_seconds']:.0f} s ({summary['optimizer_steps']} optimizer steps, "
-             f"{ranks['rounds']} allocation rounds, {ranks['scoring_seconds']:.0f} s scoring)",
+             f"{ranks['rounds']} allocation round{'' if ranks['rounds'] == 1 else 's'}, "
+             f"{ranks['scoring_seconds']:.0f} s scoring)",
              f"  eval loss     {summary['before']['eval_loss']:.4f} -> {summary['after']['eval_loss']:.4f}"]
     if metric:
         lines.append(f"  {metric:<13} {summary['before'][metric]:.3f} -> {summary['after'][metric]:.3f} "

@@ -199,12 +199,14 @@ def cli(args=None) -> None:
 
     Returns nothing: the console script exits with what this returns, and anything but None would
     make a finished run exit 1. ``main`` returns the run's summary."""
+    from peft.utils.error import NoMatchingPeftModuleError  # --lora_target_modules naming no module of the model
+
     from ..models import DefaultModelUnavailable
 
     parsed = parse_args(args)
     try:
         main(*parsed)
-    except (DefaultModelUnavailable, RecipeError) as error:  # an install step or a setting, not a bug: no traceback
+    except (DefaultModelUnavailable, RecipeError, NoMatchingPeftModuleError) as error:  # a setting, not a bug
         raise SystemExit(f"alora-sft: error: {error}") from None
     except ScheduleError as error:  # epochs only: the run's steps, hence the schedule, are known at train begin
         raise SystemExit(f"alora-sft: error: {error} (found at train begin; with --max_steps given, alora-sft "
