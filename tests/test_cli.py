@@ -38,6 +38,18 @@ def test_no_arguments_is_the_real_model_default():
     assert evals.task_metric == "exact_match" and evals.show_generations > 0
 
 
+def test_a_recipe_without_use_peft_still_trains_alora(tmp_path, capsys):
+    """TRL's use_peft defaults to false; alora-sft always trains the adapter, so only an explicit false is refused."""
+    recipe = yaml.safe_load(Path(CPU_RECIPE).read_text())
+    del recipe["use_peft"]
+    path = tmp_path / "no_use_peft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert parse_args(["--config", str(path)])[2].use_peft
+    recipe["use_peft"] = False
+    path.write_text(yaml.safe_dump(recipe))
+    assert "use_peft false: alora-sft always trains" in _error_of(capsys, ["--config", str(path)])
+
+
 def test_task_metric_none_turns_the_recipes_off():
     assert parse_args([])[-1].task_metric == "exact_match"
     assert parse_args(["--task_metric", "none"])[-1].task_metric is None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..config import SCORERS, ALoRAConfig
@@ -129,8 +130,11 @@ def parse_args(args: Optional[Sequence[str]] = None) -> tuple:
     if from_flags:
         fail(f"unknown arguments: {' '.join(from_flags)} (see `alora-sft --help`).")
     _, _, model_args, _, alora_args, _ = parsed
-    if not model_args.use_peft:  # TRL's flag; alora-sft always trains the ALoRA adapter, so false would be ignored
-        fail("use_peft false: alora-sft always trains an ALoRA adapter; for full fine-tuning use `trl sft`.")
+    if not model_args.use_peft:  # TRL's flag (default false); alora-sft always trains the ALoRA adapter
+        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        if "use_peft" in recipe or any(a == "--use_peft" or a.startswith("--use_peft=") for a in args):
+            fail("use_peft false: alora-sft always trains an ALoRA adapter; for full fine-tuning use `trl sft`.")
+        model_args.use_peft = True  # left unset in the recipe: what alora-sft does anyway
     try:  # the adapter's own validation, before anything is loaded
         alora_args.to_config(model_args)
     except (ValueError, TypeError) as error:
