@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .allocator import RankAllocator, loud_warning
-from .config import ALoRAConfig
+from .config import alora_config_of
 from .distributed import check_engine, fsdp_ignored_warning
 from .report import write_report
 from .scoring import IGNORE_INDEX, NO_SCORING_DATA, ScoringSet
@@ -96,27 +96,6 @@ def build_scoring_set(trainer, dataset, n_examples: int, batch_size: int, seed: 
     return scoring
 
 
-def _alora_config(model, adapter_name: Optional[str]):
-    """The ALoRAConfig of the adapter to allocate, or a TypeError that says what the model holds instead."""
-    configs = getattr(model, "peft_config", None)
-    if not configs:
-        raise TypeError(
-            f"ALoRACallback: the trainer's model ({type(model).__name__}) holds no PEFT adapter: wrap it with "
-            "get_peft_model(model, ALoRAConfig(...)) or pass peft_config=ALoRAConfig(...) to SFTTrainer."
-        )
-    name = adapter_name or getattr(model, "active_adapter", None) or sorted(configs)[0]
-    if isinstance(name, list):
-        name = name[0]
-    if name not in configs:
-        raise ValueError(f"ALoRACallback(adapter_name={name!r}): the model's adapters are {sorted(configs)}.")
-    if not isinstance(configs[name], ALoRAConfig):
-        raise TypeError(
-            f"ALoRACallback: adapter {name!r} is a {type(configs[name]).__name__}, not an ALoRAConfig: create it with "
-            "peft_alora.ALoRAConfig (or drop the callback for plain LoRA)."
-        )
-    return configs[name]
-
-
 class ALoRACallback(TrainerCallback):
     """Scores, prunes and regrows ALoRA ranks on the schedule of the model's ``ALoRAConfig``.
 
@@ -144,7 +123,8 @@ class ALoRACallback(TrainerCallback):
             raise ValueError(f"ALoRACallback was added {copies} times to this trainer: each copy would run every "
                              "round, pruning and regrowing ranks that many times. Add it once.")
         model = model if model is not None else self.trainer.model
-        tuner_config = _alora_config(model, self.adapter_name)
+        tuner_config = alora_config_of(model, self.adapter_name, "ALoRACallback", "create it with "
+                                       "peft_alora.ALoRAConfig (or drop the callback for plain LoRA).")
         check_engine(model, optimizer)
         ignored = fsdp_ignored_warning(args, model)
         if ignored:

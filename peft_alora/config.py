@@ -196,3 +196,22 @@ class ALoRAConfig(LoraConfig):
             raise ValueError(f"ALoRAConfig.scorer={self.scorer!r}: choose one of {SCORERS}.")
         if self.lora_dropout < 0 or self.lora_dropout >= 1:
             raise ValueError(f"ALoRAConfig.lora_dropout={self.lora_dropout!r}: must be in [0, 1).")
+
+
+def alora_config_of(model, adapter_name: Optional[str], caller: str, if_not_alora: str) -> ALoRAConfig:
+    """The ``ALoRAConfig`` of ``adapter_name`` in ``model`` (default: its active adapter), or an error that names
+    ``caller`` and says what the model holds instead; ``if_not_alora`` says what to do with another PEFT adapter."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise TypeError(
+            f"{caller}: the model ({type(model).__name__}) holds no PEFT adapter: wrap it with "
+            "get_peft_model(model, ALoRAConfig(...)) or pass peft_config=ALoRAConfig(...) to SFTTrainer."
+        )
+    name = adapter_name or getattr(model, "active_adapter", None) or sorted(configs)[0]
+    if isinstance(name, list):
+        name = name[0]
+    if name not in configs:
+        raise ValueError(f"{caller}(adapter_name={name!r}): the model's adapters are {sorted(configs)}.")
+    if not isinstance(configs[name], ALoRAConfig):
+        raise TypeError(f"{caller}: adapter {name!r} is a {type(configs[name]).__name__}, not ALoRA: {if_not_alora}")
+    return configs[name]

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .config import ALoRAConfig
+from .config import alora_config_of
 from .distributed import adapter_state_dict, is_sharded, world
 from .layers import GatedLoraMixin
 
@@ -79,13 +79,8 @@ def export_lora(model, path: str | os.PathLike, adapter_name: str = "default") -
     ALoRA adapter. Returns the folder. Under several processes every process calls it (sharded
     weights are gathered) and process 0 writes.
     """
-    configs = getattr(model, "peft_config", None) or {}
-    if adapter_name not in configs:
-        raise ValueError(f"export_lora(adapter_name={adapter_name!r}): the model's adapters are {sorted(configs)}.")
-    config = configs[adapter_name]
-    if not isinstance(config, ALoRAConfig):
-        raise TypeError(f"export_lora: adapter {adapter_name!r} is a {type(config).__name__}, not ALoRA; a plain PEFT "
-                        "adapter needs no export: save it with model.save_pretrained(path).")
+    config = alora_config_of(model, adapter_name, "export_lora", "a plain PEFT adapter needs no export: save it "
+                             "with model.save_pretrained(path).")
     state, ranks = compact_lora_state_dict(model, adapter_name)
     kept = {name: rank for name, rank in ranks.items() if rank > 0}
     if not kept:
