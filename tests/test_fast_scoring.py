@@ -283,3 +283,44 @@ def test_nothing_about_the_base_model_is_kept_when_more_than_lora_trains(torch_s
     again = fast_scores(model, layers, "default", fresh, ranks, n_prune=2)
     brand_new, _, _ = _scoring_set()
     assert again == fast_scores(model, layers, "default", brand_new, ranks, n_prune=2) != first
+
+
+def _bytes_kept_for_backward(fn) -> int:
+    """Bytes of the tensors autograd keeps from the forward for the backward, outside checkpointed blocks."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_passes_checkpoint_blocks_as_training_does_and_score_the_same(torch_single_thread, reentrant):
+    """Scoring runs in eval mode, where transformers would not checkpoint: the passes checkpoint anyway."""
+    from peft_alora.scoring.fast import gate_gradients
+
+    model = _model([1e-2, 3e-2])
+    layers, ranks = _ranks(model)
+    reference = taylor_terms(model, layers, "default", _scoring_set()[0], ranks)
+    editor = GateEditor(layers, "default")
+    scoring = _scoring_set()[0]
+    plain = _bytes_kept_for_backward(lambda: gate_gradients(model, editor, scoring, range(len(scoring.batches))))
+
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.base_model.model.enable_input_require_grads()  # as PEFT and TRL do for checkpointed training
+    terms = taylor_terms(model, layers, "default", _scoring_set()[0], ranks)  # base gradients hooked through it
+    assert terms.loss == pytest.approx(reference.loss, abs=1e-7)
+    assert terms.base_loss == pytest.approx(reference.base_loss, abs=1e-7)
+    for rank in ranks:
+        assert terms.removal[rank] == pytest.approx(reference.removal[rank], rel=1e-5, abs=1e-10), rank
+        assert terms.alone[rank] == pytest.approx(reference.alone[rank], rel=1e-5, abs=1e-10), rank
+    blocks = model.base_model.model.model.layers
+    assert all("forward" not in block.__dict__ for block in blocks)  # the blocks are as they were
+    if not reentrant:  # a reentrant checkpoint keeps nothing from its first forward, whatever the hooks see
+        checkpointed = _bytes_kept_for_backward(
+            lambda: gate_gradients(model, editor, scoring, range(len(scoring.batches))))
+        assert checkpointed < 0.5 * plain, (checkpointed, plain)

@@ -39,6 +39,8 @@ class BaseGradients:
 
         def hook(name):
             def capture(module, args, output):
+                if not output.requires_grad:  # a reentrant checkpoint's first forward: its recompute comes back
+                    return
                 x = args[0].detach()
 
                 def accumulate(grad_y):

@@ -19,10 +19,12 @@ all-reduced; with sharded weights every process runs them all (``distributed.sha
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..allocation import Rank
 from ..distributed import full, is_sharded, share_work, world
@@ -51,6 +53,40 @@ def _gates_as_leaves(model: torch.nn.Module, gates: Sequence[torch.Tensor]):
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def _checkpointed_as_in_training(model: torch.nn.Module):
+    """Gradient passes run in eval mode (no dropout), and transformers checkpoints a block only while it
+    trains: without this, a pass would keep every block's activations for its backward, many times the
+    memory of a checkpointed training step (an 8B model at 4 x 2048 tokens would not fit in 80 GB).
+    Blocks with checkpointing enabled are called through their own checkpoint function for the pass,
+    as in training; a cache of past keys is dropped as in training (a recompute would extend it twice)."""
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+    def checkpointed(block):
+        forward = block.forward  # in eval mode the class's wrapper calls the block's own forward
+
+        def run(*args, **kwargs):
+            for key in ("past_key_values", "layer_past"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = None
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            return block._gradient_checkpointing_func(functools.partial(forward, **kwargs), *args)
+        return run
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = checkpointed(block)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 def gate_gradients(model, editor: GateEditor, scoring: ScoringSet, batches: Sequence[int],
                    progress: Optional[Callable[[Iterable], Iterable]] = None) -> torch.Tensor:
     """``[summed CE, d(summed CE)/d gate of every slot of every layer ...]`` over ``batches`` (float64).
@@ -61,7 +97,8 @@ def gate_gradients(model, editor: GateEditor, scoring: ScoringSet, batches: Sequ
     device = model_device(model)
     total = torch.zeros((), dtype=torch.float64)
     # autocast off for the backward too (on the CPU it runs in this thread, under the caller's autocast)
-    with _gates_as_leaves(model, gates), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    with _gates_as_leaves(model, gates), _checkpointed_as_in_training(model), torch.enable_grad(), \
+            torch.autocast(device.type, enabled=False):
         for i in (progress(batches) if progress else batches):
             loss = batch_loss_sum(model, scoring.batches[i], device)
             loss.backward()
