@@ -5,8 +5,9 @@ compute and autocast, gradient checkpointing, all linear layers, r = 16, micro-b
 micro-batches per optimizer step, AdamW. Per shape and method: the median optimizer-step time, the
 peak GPU memory from the 4-bit load to the end of the steps (``torch.cuda.max_memory_allocated``),
 and for ALoRA the wall time and peak memory of an allocation round (its default scorer, a scoring
-set of --scoring-examples sequences). LoRA and ALoRA train the same loaded base, one after the
-other (``unload()`` in between). With
+set of --scoring-examples sequences). Each method has its own copy of the base; their steps
+alternate, and the step-time ratio is the median of the pairs' ratios (trained one after the other,
+ALoRA's step at 1B took 0.96 s in one run and 1.35 s in another, LoRA's 1.19 s in both). With
 ``--eval-mode-round``, one more round runs with the scorer's gradient passes not checkpointed, as
 they ran before commit 99f6b9a: its peak memory, or "out of memory".
 
@@ -86,7 +87,9 @@ def batches(n: int, batch: int, length: int, vocab: int, seed: int) -> list[dict
 
 
 class Meter:
-    """Wall time with the device synchronised, and peak allocated GPU memory since ``reset``."""
+    """Wall time with the device synchronised; GPU memory of one method, counted from a ``baseline``:
+    the bytes allocated before that method's base model was loaded (the other method's model,
+    adapter and optimizer state, which stay as they are meanwhile)."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
@@ -95,14 +98,17 @@ class Meter:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else 0
+
     def reset(self):
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    def peak_gib(self):
-        return torch.cuda.max_memory_allocated() / GIB if self.cuda else None
+    def peak_gib(self, baseline: int):
+        return (torch.cuda.max_memory_allocated() - baseline) / GIB if self.cuda else None
 
     def timed(self, fn) -> float:
         self.sync()
@@ -112,58 +118,81 @@ class Meter:
         return time.perf_counter() - started
 
 
-def train_and_measure(base, method: str, args, vocab: int, meter: Meter) -> tuple[dict, object]:
-    common = dict(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules="all-linear")
-    config = ALoRAConfig(**common, scoring_batch_size=args.scoring_batch_size) if method == "alora" \
-        else LoraConfig(**common)
-    meter.reset()
-    model = get_peft_model(base, config)
-    model.enable_input_require_grads()
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    device = next(p.device for p in model.parameters())
+class Trainee:
+    """One method on its own 4-bit base: model, optimizer, (ALoRA) allocator, and its optimizer step."""
+
+    def __init__(self, method: str, path: str, args, vocab: int, meter: Meter):
+        meter.reset()
+        self.baseline = meter.allocated()
+        common = dict(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules="all-linear")
+        config = ALoRAConfig(**common, scoring_batch_size=args.scoring_batch_size) if method == "alora" \
+            else LoraConfig(**common)
+        self.method, self.meter = method, meter
+        self.model = get_peft_model(load_4bit(path, args.device), config)
+        self.model.enable_input_require_grads()
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-4)
+        self.device = next(p.device for p in self.model.parameters())
+        self.allocator = None
+        if method == "alora":  # attached before training, as ALoRACallback does
+            scoring = batches(args.scoring_examples // args.scoring_batch_size, args.scoring_batch_size,
+                              args.length, vocab, seed=1)
+            self.allocator = RankAllocator(self.model, scoring, total_steps=100)
+
+    def step(self, micro_batches):
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self.model(**batch).loss / len(micro_batches)
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def round(self, global_step: int) -> tuple[float, object]:
+        self.meter.reset()
+        seconds = self.meter.timed(lambda: self.allocator.run_round(global_step, optimizer=self.optimizer))
+        return seconds, self.meter.peak_gib(self.baseline)
+
+
+def measure_shape(path: str, args, vocab: int, meter: Meter) -> dict:
+    """Both methods loaded side by side: each one's training peak (load + warm-up steps), then their
+    optimizer steps alternating (order swapped every pair), then ALoRA's rounds."""
     data = batches((args.warmup + args.steps) * args.accumulation, args.batch, args.length, vocab, seed=0)
     data = [data[i:i + args.accumulation] for i in range(0, len(data), args.accumulation)]
-    if method == "alora":  # attached before training, as ALoRACallback does
-        scoring = batches(args.scoring_examples // args.scoring_batch_size, args.scoring_batch_size, args.length,
-                          vocab, seed=1)
-        allocator = RankAllocator(model, scoring, total_steps=100)
-
-    def step(micro_batches):
-        for batch in micro_batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(**batch).loss / len(micro_batches)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for batch in data[:args.warmup]:
-        step(batch)
-    times = [meter.timed(lambda: step(batch)) for batch in data[args.warmup:]]
-    row = {"step_seconds": statistics.median(times), "train_peak_gib": meter.peak_gib(),
-           "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    print(f"  {method}: step {row['step_seconds']:.3f}s (median of {len(times)}), peak "
-          f"{row['train_peak_gib'] or 0:.2f} GiB", flush=True)
-    if method == "alora":
-        round_times, round_peaks = [], []
-        for i in range(args.rounds):
-            meter.reset()
-            round_times.append(meter.timed(lambda: allocator.run_round(global_step=10 + i, optimizer=optimizer)))
-            round_peaks.append(meter.peak_gib())
-            step(data[-1])  # the moved ranks train once, as between rounds
-            print(f"  alora round {i + 1}: {round_times[-1]:.1f}s = {round_times[-1] / row['step_seconds']:.1f} "
-                  f"steps, peak {round_peaks[-1] or 0:.2f} GiB", flush=True)
-        row.update(round_seconds=round_times, round_peak_gib=round_peaks,
-                   round_in_steps=[t / row["step_seconds"] for t in round_times],
-                   ranks=sum(len(v) for v in allocator.active_slots().values()))
-        if args.eval_mode_round:
-            row["eval_mode_round_peak_gib"] = eval_mode_round(allocator, optimizer, meter)
-    del optimizer
-    return row, model.unload()
+    trainees, rows = {}, {}
+    for method in ("lora", "alora"):
+        trainee = trainees[method] = Trainee(method, path, args, vocab, meter)
+        for micro_batches in data[:args.warmup]:
+            trainee.step(micro_batches)
+        rows[method] = {"train_peak_gib": meter.peak_gib(trainee.baseline),
+                        "trainable_parameters": sum(p.numel() for p in trainee.model.parameters() if p.requires_grad)}
+    times = {"lora": [], "alora": []}
+    for i, micro_batches in enumerate(data[args.warmup:]):
+        for method in (("lora", "alora") if i % 2 == 0 else ("alora", "lora")):
+            times[method].append(meter.timed(lambda: trainees[method].step(micro_batches)))
+    for method, row in rows.items():
+        row["step_seconds"] = statistics.median(times[method])
+        print(f"  {method}: step {row['step_seconds']:.3f}s (median of {len(times[method])}, alternating), "
+              f"peak {row['train_peak_gib'] or 0:.2f} GiB", flush=True)
+    alora, row = trainees["alora"], rows["alora"]
+    row["step_time_ratios"] = [a / b for a, b in zip(times["alora"], times["lora"])]
+    round_times, round_peaks = [], []
+    for i in range(args.rounds):
+        seconds, peak = alora.round(global_step=10 + i)
+        round_times.append(seconds)
+        round_peaks.append(peak)
+        alora.step(data[-1])  # the moved ranks train once, as between rounds
+        print(f"  alora round {i + 1}: {seconds:.1f}s = {seconds / row['step_seconds']:.1f} steps, peak "
+              f"{peak or 0:.2f} GiB", flush=True)
+    row.update(round_seconds=round_times, round_peak_gib=round_peaks,
+               round_in_steps=[t / row["step_seconds"] for t in round_times],
+               ranks=sum(len(v) for v in alora.allocator.active_slots().values()))
+    if args.eval_mode_round:
+        row["eval_mode_round_peak_gib"] = eval_mode_round(alora)
+    return rows
 
 
-def eval_mode_round(allocator, optimizer, meter: Meter):
+def eval_mode_round(alora: Trainee):
     """Peak memory of a round whose gradient passes keep every block's activations (no checkpointing)."""
     import contextlib
 
@@ -171,10 +200,8 @@ def eval_mode_round(allocator, optimizer, meter: Meter):
 
     checkpointed = fast._checkpointed_as_in_training
     fast._checkpointed_as_in_training = lambda model: contextlib.nullcontext()
-    meter.reset()
     try:
-        allocator.run_round(global_step=99, optimizer=optimizer)
-        peak = meter.peak_gib()
+        peak = alora.round(global_step=99)[1]
     except torch.OutOfMemoryError:
         peak = "out of memory"
     finally:
@@ -192,10 +219,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--eval-mode-round", action="store_true")
-    parser.add_argument("--order", nargs=2, default=["lora", "alora"], choices=["lora", "alora"],
-                        help="which method trains the loaded base first")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--scoring-examples", type=int, default=32)
     parser.add_argument("--scoring-batch-size", type=int, default=4)
@@ -212,16 +237,11 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
             started = time.perf_counter()
             billions = save_random_model(shape, folder, args.device)
-            base = load_4bit(folder, args.device)
-            print(f"{shape}: {billions:.2f}B parameters, saved and loaded in 4-bit in "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
-            rows = {}
-            for method in args.order:
-                rows[method], base = train_and_measure(base, method, args, SHAPES[shape]["vocab_size"], meter)
-            del base
+            print(f"{shape}: {billions:.2f}B parameters, saved in {time.perf_counter() - started:.0f}s", flush=True)
+            rows = measure_shape(folder, args, SHAPES[shape]["vocab_size"], meter)
             meter.reset()
         lora, alora = rows["lora"], rows["alora"]
-        ratios = {"step_time_ratio": alora["step_seconds"] / lora["step_seconds"]}
+        ratios = {"step_time_ratio": statistics.median(alora["step_time_ratios"])}
         if args.device == "cuda":
             ratios.update(peak_memory_ratio=alora["train_peak_gib"] / lora["train_peak_gib"],
                           round_peak_vs_lora_train=max(alora["round_peak_gib"]) / lora["train_peak_gib"])
