@@ -51,7 +51,11 @@ class GatedVariant(LoraVariant):
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
-        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            # under autocast the adapter's matmuls take their inputs in the autocast dtype anyway; a copy of
+            # x in fp32 here (PEFT's own 4-bit and 8-bit paths skip it under CUDA autocast) made every
+            # QLoRA module write and read its input twice more
+            x = module._cast_input_dtype(x, lora_A.weight.dtype)
         hidden = lora_A(dropout(x))
         gate = module.lora_gate[active_adapter].to(hidden.dtype)
         return result + lora_B(hidden * gate) * module.scaling[active_adapter]

@@ -130,6 +130,42 @@ def test_half_precision_forward_is_finite_and_close(make, dtype):
     torch.testing.assert_close(out.float(), logits_of(full, x), rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("kind", BASE_KINDS)
+def test_under_autocast_the_adapter_input_is_not_copied_to_fp32(build, kind):
+    """The fp32 adapter's matmuls run in bf16 under autocast anyway: an fp32 copy of x (what PEFT's own 4-bit
+    path skips under CUDA autocast) only costs memory traffic. The output is the same bits either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peft_alora.layers import GatedVariant
+
+    class FloatCopies(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.seen = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == self.shape:
+                self.seen += 1
+            return out
+
+    model = build(kind)
+    randomize_lora_b(model, std=0.05)
+    make_ranks_unequal(model)
+    layer = next(layer for _, layer in sorted(model.base_model.gated_layers())
+                 if layer.lora_B["default"].weight.abs().sum() > 0 and layer.lora_gate["default"].sum() > 0)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    result = torch.zeros(2, 5, layer.out_features, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with FloatCopies(tuple(x.shape)) as copies:
+            out = GatedVariant.forward(layer, "default", x, result)
+        from_fp32 = GatedVariant.forward(layer, "default", x.float(), result)
+    assert copies.seen == 0
+    assert out.dtype == torch.bfloat16 and out.abs().sum() > 0
+    assert torch.equal(out, from_fp32)
+
+
 # ---- merge / unmerge / unload / disable --------------------------------------------------------
 
 def _adapted(build, kind, seed=0):
