@@ -26,7 +26,10 @@ SCRIPT = REPO / "tests" / "scripts" / "train_toy_sharded.py"
 VARIANTS = {"exact": ["--scorer", "exact", "--regrow-init", "random"],
             "fast": ["--scorer", "fast", "--scoring-refine", "2", "--regrow-init", "gradient"]}
 # fsdp2+qlora: FSDP-QLoRA, the 4-bit base weights sharded too (NF4 stored as fp32, the model's dtype)
-CASES = [("fsdp2", "exact"), ("fsdp2+qlora", "fast"), ("zero3", "fast"), ("zero2", "exact")]
+# +checkpointing: gradient checkpointing on (as TRL sets it: non-reentrant under FSDP2, reentrant under ZeRO-3), which
+# the scorer's gradient passes then use too; compared with the 1-process run without it
+CASES = [("fsdp2", "exact"), ("fsdp2+qlora", "fast"), ("zero3", "fast"), ("zero2", "exact"),
+         ("fsdp2+checkpointing", "fast"), ("zero3+checkpointing", "fast")]
 SAVE_AT = 4  # the fsdp2-exact run also writes a checkpoint after this step (a round ran at step 4)
 NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
 
@@ -59,11 +62,13 @@ def sharded_runs(tmp_path_factory, references):
             engine, variant = case
             engine, _, base = engine.partition("+")
             qlora = ["--qlora"] if base == "qlora" else []
+            checkpointing = ["--checkpointing", "reentrant" if engine == "zero3" else "non-reentrant"] \
+                if base == "checkpointing" else []
             save = ["--save-at", str(SAVE_AT)] if case == ("fsdp2", "exact") else []
             if engine.startswith("zero") and NO_DEEPSPEED:
                 pytest.skip("deepspeed not installed")
             out = tmp_path_factory.mktemp(f"{engine}-{variant}")
-            two = torchrun(out, "--engine", engine, *VARIANTS[variant], *qlora, *save)
+            two = torchrun(out, "--engine", engine, *VARIANTS[variant], *qlora, *checkpointing, *save)
             one_dir, one = references(variant, tuple(qlora))
             cache[case] = case, (out, two), (one_dir, one)
         return cache[case]

@@ -143,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--qlora", action="store_true",
                         help="4-bit base (bitsandbytes NF4, storage dtype = compute dtype = fp32, as FSDP needs)")
+    parser.add_argument("--checkpointing", choices=["reentrant", "non-reentrant"], default=None,
+                        help="gradient checkpointing of the decoder blocks (the scorer's gradient passes use it too)")
     parser.add_argument("--save-at", type=int, default=None, help="write OUT_DIR/checkpoint after this step")
     parser.add_argument("--resume-from", default=None, help="a checkpoint folder written by --save-at")
     parser.add_argument("--engine", default="fsdp2", choices=["fsdp2", "zero3", "zero2"],
@@ -161,8 +163,12 @@ def main(argv=None):
         r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
         allocation_start=2, allocation_end=6, allocation_rounds=3, scoring_examples=12, scoring_batch_size=4,
         scorer=args.scorer, scoring_refine=args.scoring_refine, regrow_init=args.regrow_init)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": args.checkpointing == "reentrant"})
     torch.manual_seed(0)
     model = get_peft_model(model, config)
+    if args.checkpointing:
+        model.enable_input_require_grads()
     forward, deepspeed_engine = model, None
     if processes > 1 and args.engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
