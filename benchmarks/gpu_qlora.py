@@ -1,8 +1,9 @@
 """4-bit QLoRA on one GPU at 1B and 8B scale (random weights): ALoRA against PEFT LoRA at the same r.
 
 The set-up of ``recipes/Llama-3.1-8B-Instruct/qlora_alora.yaml``: NF4 with nested quantization, bf16
-compute and autocast, gradient checkpointing, all linear layers, r = 16, micro-batch 4, 4
-micro-batches per optimizer step, AdamW. Per shape and method: the median optimizer-step time, the
+compute and autocast, the adapter in bf16 as SFTTrainer casts it (``--adapter-dtype fp32``: PEFT's
+default, kept by a custom loop or the plain Trainer), gradient checkpointing, all linear layers,
+r = 16, micro-batch 4, 4 micro-batches per optimizer step, AdamW. Per shape and method: the median optimizer-step time, the
 peak GPU memory from the 4-bit load to the end of the steps (``torch.cuda.max_memory_allocated``),
 and for ALoRA the wall time and peak memory of an allocation round (its default scorer, a scoring
 set of --scoring-examples sequences). Each method has its own copy of the base; their steps
@@ -130,6 +131,10 @@ class Trainee:
         self.method, self.meter = method, meter
         self.model = get_peft_model(load_4bit(path, args.device), config)
         self.model.enable_input_require_grads()
+        if args.adapter_dtype == "bf16":  # what TRL's SFTTrainer does to the adapter of a quantized model
+            for parameter in self.model.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.to(torch.bfloat16)
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-4)
         self.device = next(p.device for p in self.model.parameters())
@@ -215,6 +220,9 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--adapter-dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: as TRL's SFTTrainer casts a quantized model's adapter; fp32: PEFT's default "
+                             "(a custom loop or the plain Trainer)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
