@@ -102,3 +102,28 @@ def test_regrow_init_is_validated():
         peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="svd")
     assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"]).regrow_init == "gradient"  # measured default
     assert peft_alora.ALoRAConfig(r=2, target_modules=["q_proj"], regrow_init="random").regrow_init == "random"
+
+
+def test_wide_gradients_get_their_leading_directions_without_a_full_svd(torch_single_thread, monkeypatch):
+    """Past EXACT_SVD_MAX_DIM a seeded subspace iteration finds them: the exact vectors (a planted spectrum with
+    a gap), the same result in every call, and the global RNG untouched; below it, the full SVD as before."""
+    from peft_alora import regrowth
+
+    generator = torch.Generator().manual_seed(1)
+    out, inp = 1100, 1300  # both sides above 1024
+    u, _ = torch.linalg.qr(torch.randn(out, 40, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(inp, 40, generator=generator))
+    spectrum = torch.cat([torch.tensor([10.0, 8.0, 6.0]), torch.linspace(1.0, 0.5, 37)])
+    g = (u * spectrum) @ v.T + 1e-3 * torch.randn(out, inp, generator=generator)
+    exact_svd = torch.linalg.svd
+    full_svds = []
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: full_svds.append(tuple(a.shape)) or exact_svd(a, **kw))
+    state = torch.random.get_rng_state()
+    got = regrowth.leading_right_singular_vectors(g, 3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(max(shape) <= 1024 or min(shape) <= 13 for shape in full_svds)  # only the small Rayleigh-Ritz one
+    exact = exact_svd(g, full_matrices=False)[2][:3]
+    assert torch.allclose((got @ exact.T).abs(), torch.eye(3), atol=1e-4)  # the exact vectors, up to sign
+    assert torch.equal(got, regrowth.leading_right_singular_vectors(g, 3))
+    small = g[:1024]
+    assert torch.equal(regrowth.leading_right_singular_vectors(small, 2), exact_svd(small, full_matrices=False)[2][:2])
