@@ -415,7 +415,8 @@ def main(argv=None):
                              "--rounds, --start, --end, --lr) instead of the other measurements")
     parser.add_argument("--noise-sample", type=int, default=24,
                         help="ranks whose exact score is also taken in bf16 in the last round (0: none)")
-    parser.add_argument("--out", default=None, help="--in-run: result file (default results/scoring_smollm2_in_run.json)")
+    parser.add_argument("--out", default=None, help="result file (default results/scoring_<mode>.json; the scatter PNG "
+                                                    "goes beside it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -433,7 +434,7 @@ def main(argv=None):
         if not args.skip_costs:
             out["costs"] = real_costs(args)
         if args.skip_agreement:
-            (RESULTS / "scoring_smollm2_costs.json").write_text(json.dumps(out, indent=1))
+            Path(args.out or RESULTS / "scoring_smollm2_costs.json").write_text(json.dumps(out, indent=1))
             print(json.dumps(out["costs"]))
             return
         setup = smollm2_setup(args, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -443,8 +444,10 @@ def main(argv=None):
     result = run(args, *setup)
     summary = summarise(result, args.refine)
     name = "quick" if args.model == "toy" else args.model
-    (RESULTS / f"scoring_{name}.json").write_text(json.dumps({**out, "summary": summary, **result}, indent=1))
-    scatter(result, args.refine[0], RESULTS / f"scoring_{name}.png")
+    path = Path(args.out or RESULTS / f"scoring_{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**out, "summary": summary, **result}, indent=1))
+    scatter(result, args.refine[0], path.with_suffix(".png"))
     for refine in args.refine:
         s = summary[f"refine{refine}"]
         print(f"fast refine={refine}: speedup x{s['speedup']:.1f} (median), {s['pass_equivalents']:.1f} scoring-pass "
