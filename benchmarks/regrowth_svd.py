@@ -55,10 +55,11 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS / "regrowth_svd.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = tempfile.mkdtemp()
-    wide_llama(folder, args.hidden, 2)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-                           peft_alora.ALoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    with tempfile.TemporaryDirectory() as folder:  # the random model's file: 425 MB at hidden 2048
+        wide_llama(folder, args.hidden, 2)
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # a mapping outlives the file
+    model = get_peft_model(base, peft_alora.ALoRAConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                        lora_dropout=0.0))
     generator = torch.Generator().manual_seed(0)
 
     def batch(rows, length=64):
