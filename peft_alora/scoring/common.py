@@ -70,6 +70,23 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def forwards_replaced(modules, make_forward):
+    """Inside, each module's ``forward`` is ``make_forward(module)`` (module hooks still run around it); afterwards
+    the module's own forward, or an override it had before (e.g. accelerate's), is back."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = make_forward(module)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, saved):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
 def _to_device(batch: Mapping, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

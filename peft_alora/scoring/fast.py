@@ -29,7 +29,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..allocation import Rank
 from ..distributed import full, is_sharded, share_work, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
-from .common import ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, model_device
+from .common import (ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, forwards_replaced,
+                     model_device)
 from .exact import GateEditor, distributed_exact_scores
 from .prefix import PrefixCache, decoder_blocks, recording
 
@@ -53,7 +54,6 @@ def _gates_as_leaves(model: torch.nn.Module, gates: Sequence[torch.Tensor]):
             p.requires_grad_(True)
 
 
-@contextlib.contextmanager
 def _checkpointed_as_in_training(model: torch.nn.Module):
     """Gradient passes run in eval mode (no dropout), and transformers checkpoints a block only while it
     trains: without this, a pass would keep every block's activations for its backward (a 4-bit 8B model
@@ -74,17 +74,7 @@ def _checkpointed_as_in_training(model: torch.nn.Module):
             return block._gradient_checkpointing_func(functools.partial(forward, **kwargs), *args)
         return run
 
-    saved = [block.__dict__.get("forward") for block in blocks]
-    for block in blocks:
-        block.forward = checkpointed(block)
-    try:
-        yield
-    finally:
-        for block, forward in zip(blocks, saved):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
+    return forwards_replaced(blocks, checkpointed)
 
 
 def gate_gradients(model, editor: GateEditor, scoring: ScoringSet, batches: Sequence[int],

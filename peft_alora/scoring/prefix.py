@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .common import ScoringSet, batch_loss_sum, model_device
+from .common import ScoringSet, batch_loss_sum, forwards_replaced, model_device
 
 PREFIX_LIMIT_BYTES = 512 << 20  # SmolLM2-135M, 32 x 128 tokens, all 30 blocks: 0.28 GB
 
@@ -42,20 +42,9 @@ def decoder_blocks(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     return best, best_map
 
 
-@contextlib.contextmanager
 def _skipped(blocks, count: int, output):
     """Blocks ``0 .. count-1`` return ``output`` instead of computing (only the last one's is used)."""
-    saved = [block.__dict__.get("forward") for block in blocks[:count]]
-    for block in blocks[:count]:
-        block.forward = lambda *args, **kwargs: output
-    try:
-        yield
-    finally:
-        for block, forward in zip(blocks[:count], saved):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
+    return forwards_replaced(blocks[:count], lambda block: lambda *args, **kwargs: output)
 
 
 class PrefixCache:
