@@ -8,7 +8,9 @@ order. From these it computes, for each number k of re-scored ranks (the k lowes
 scores get their exact "without" term, or both exact terms), in how many rounds the plan's pruned
 set equals the exact scorer's, and the worst regret; and the same for the lazy refinement the
 library uses (``refine_lazily``: stop once the pruned set is settled), with its bound scaled by
-each rank's size or not. Also a cheaper refinement, rejected: the exact "without" pass run on the
+each rank's size or not, and told or not which ranks earlier rounds grew (the library's default is
+told: it then settles ranks of the first allocation far from the threshold without re-scoring
+them). Also a cheaper refinement, rejected: the exact "without" pass run on the
 first k examples only (``SAMPLES``), its gap to first order on those examples added to the
 first-order estimate of the whole set (or the sample's loss change taken as it is).
 Writes benchmarks/results/refinement.json;
@@ -52,7 +54,8 @@ def logged_run(seed: int) -> list[dict]:
         only = exact_scores(model, layers, adapter, scoring, ranks, parts=("only",))
         terms = taylor_terms(model, layers, adapter, scoring, ranks)
         sizes = rank_sizes(layers, adapter, ranks)
-        rounds.append({"loss": terms.loss, "base_loss": terms.base_loss, "ranks": {
+        rounds.append({"loss": terms.loss, "base_loss": terms.base_loss,
+                       "grown": sorted(f"{m}:{s}" for m, s in allocator.grown_ranks()), "ranks": {
             f"{m}:{s}": [without[(m, s)], only[(m, s)], terms.removal[(m, s)], terms.alone[(m, s)], sizes[(m, s)]]
             for m, s in ranks}, "sampled": {}})
         for k, sample in head.items():  # the first k examples: loss, and per rank [exact without, first-order removal]
@@ -94,14 +97,16 @@ def agreement(rounds: list[dict], k: int, both: bool) -> tuple[int, float]:
     return agree, worst
 
 
-def lazy_agreement(rounds: list[dict], limit: int, scaled: bool) -> tuple[int, list[int]]:
+def lazy_agreement(rounds: list[dict], limit: int, scaled: bool, grown: bool = False) -> tuple[int, list[int]]:
     """``(rounds whose pruned set equals the exact one, ranks re-scored per round)`` with the library's
-    ``refine_lazily`` fed the logged exact "without" terms; ``scaled=False``: one bound for all ranks."""
+    ``refine_lazily`` fed the logged exact "without" terms; ``scaled=False``: one bound for all ranks;
+    ``grown``: it is told which ranks earlier rounds grew, so it may settle others without re-scoring them."""
     agree, counts = 0, []
     for row in rounds:
         exact, scores, refined = _round_scores(row)
         chosen = refine_lazily(scores, N_PRUNE, limit, lambda ranks: {r: refined[r] for r in ranks},
-                               sizes={r: t[4] for r, t in row["ranks"].items()} if scaled else None)
+                               sizes={r: t[4] for r, t in row["ranks"].items()} if scaled else None,
+                               grown=set(row["grown"]) if grown else None)
         scores.update(chosen)
         counts.append(len(chosen))
         agree += set(_lowest(scores)) == set(_lowest(exact))
@@ -149,10 +154,12 @@ def main(argv=None):
         table[k] = {"without_only": a, "without_only_regret": ra, "both": b, "both_regret": rb}
         print(f"{k:>3} {a:>11}/{len(rounds)} {ra:9.1e} {b:>9}/{len(rounds)} {rb:9.1e}")
     lazy = {}
-    for scaled in (True, False):
-        agree, counts = lazy_agreement(rounds, 2 * N_PRUNE, scaled)
-        lazy["size-scaled" if scaled else "one bound"] = {"agree": agree, "rescored": counts}
-        print(f"lazy refinement (at most {2 * N_PRUNE}), {'size-scaled bound (default)' if scaled else 'one bound'}: "
+    variants = {"size-scaled, grown ranks known (default)": (True, True), "size-scaled": (True, False),
+                "one bound": (False, False)}
+    for name, (scaled, grown) in variants.items():
+        agree, counts = lazy_agreement(rounds, 2 * N_PRUNE, scaled, grown)
+        lazy[name] = {"agree": agree, "rescored": counts}
+        print(f"lazy refinement (at most {2 * N_PRUNE}), {name}: "
               f"{agree}/{len(rounds)} rounds agree, {sum(counts) / len(counts):.1f} ranks re-scored on average "
               f"({min(counts)}-{max(counts)})")
     sampled = {}

@@ -167,7 +167,8 @@ def run(args, model, batches, scoring) -> dict:
         plan_exact = plan_round(exact, active, capacity, n)
         for refine in args.refine:
             times, fast = timed(
-                lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine), args.repeats)
+                lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine,
+                                    grown=allocator.grown_ranks()), args.repeats)
             seconds = statistics.median(times)
             plan_fast = plan_round(fast, active, capacity, n)
             regret = sum(exact[r] for r in plan_fast.pruned) - sum(exact[r] for r in plan_exact.pruned)
@@ -239,7 +240,7 @@ def real_costs(args) -> dict:
         scores = {}
         for k in settings:
             times, scores[k] = timed(lambda: fast_scores(model, layers, "default", scoring, ranks, n_prune=7,
-                                                         refine=k), 1)
+                                                         refine=k, grown=set()), 1)  # no round has run yet
             seconds[k].append(times[0])
             rescored[k].append(sum(scores[k][r] != scores[0][r] for r in ranks))
         print(f"rep {rep}: training step {step_times[-1]:.1f}s, " + ", ".join(

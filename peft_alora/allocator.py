@@ -267,7 +267,13 @@ class RankAllocator:
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         scorer = SCORERS[self.config.scorer]
         return scorer(self.model, self.layers, self.adapter, self.scoring, ranks, progress=self.progress, config=self.config,
-                      n_prune=self.ranks_per_round)
+                      n_prune=self.ranks_per_round, grown=self.grown_ranks())
+
+    def grown_ranks(self) -> Optional[set]:
+        """Ranks grown by the rounds so far (None: not known, after a resume without the allocator's state)."""
+        if any(record.get("restored") or (record.get("grown") and "grown_slots" not in record) for record in self.history):
+            return None  # restored without history, or a checkpoint that predates the record of grown slots
+        return {(module, slot) for record in self.history for module, slot in record.get("grown_slots", [])}
 
     def run_round(self, global_step: int, optimizer=None) -> dict:
         self.check_ready(optimizer)

@@ -93,9 +93,11 @@ class ALoRAConfig(LoraConfig):
     )
     scoring_refine: Optional[int] = field(
         default=None,
-        metadata={"help": "With scorer='fast': at most this many of the lowest-scored ranks get the 'without rank' "
-                          "term taken exactly (about half a scoring pass each), lowest first, stopping once the ranks "
-                          "to prune are settled. None: twice ranks_per_round. 0: first order only."},
+        metadata={"help": "With scorer='fast': at most this many ranks get the 'without rank' term taken exactly "
+                          "(about half a scoring pass each), lowest first among those first order cannot place on "
+                          "either side of the pruning threshold, stopping once the ranks to prune are settled; a rank "
+                          "grown by a round is always re-scored before it is pruned. None: twice ranks_per_round. "
+                          "0: first order only."},
     )
     regrow_init: str = field(
         default="gradient",

@@ -76,7 +76,7 @@ def test_fast_plans_equal_exact_plans_when_scores_are_well_separated(torch_singl
     assert any(ordered[n] - ordered[n - 1] > 2 * error for n in (2, 4, 6))  # at least one case was checked
 
 
-def test_refinement_rescores_the_lowest_ranks_exactly(torch_single_thread):
+def test_refinement_rescores_ranks_exactly_and_prunes_as_if_all_were(torch_single_thread):
     model = _model([1e-3, 3e-2, 1e-1])
     scoring, _, _ = _scoring_set()
     layers, ranks = _ranks(model)
@@ -88,7 +88,9 @@ def test_refinement_rescores_the_lowest_ranks_exactly(torch_single_thread):
     assert 3 <= len(changed) <= 6
     for rank in changed:  # bit for bit: the exact "without" term, the first-order "only" term
         assert refined[rank] == without[rank] - (terms.base_loss + terms.alone[rank])
-    assert set(changed) == set(sorted(ranks, key=lambda r: first_order[r])[:len(changed)])  # the lowest estimates
+    everywhere = {r: without[r] - (terms.base_loss + terms.alone[r]) for r in ranks}  # every rank re-scored
+    lowest = lambda scores: set(sorted(scores, key=lambda r: (scores[r], r))[:3])  # noqa: E731
+    assert lowest(refined) == lowest(everywhere)
 
 
 def test_refinement_records_the_current_blocks_once_per_round_under_several_processes(torch_single_thread,
@@ -101,17 +103,17 @@ def test_refinement_records_the_current_blocks_once_per_round_under_several_proc
     model = _model([1e-3, 3e-2, 1e-1])
     scoring, _, _ = _scoring_set()
     layers, ranks = _ranks(model)
+    monkeypatch.setattr(fast, "BOUND_SLACK", 1e9)  # never settled early: every chunk up to the limit runs
     alone = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=9)
     records = []
     record = PrefixCache.record.__func__
     monkeypatch.setattr(PrefixCache, "record", classmethod(lambda cls, *a, **k: records.append(1) or record(cls, *a, **k)))
     monkeypatch.setattr(fast, "world", lambda: (2, 0))  # chunks of 2 ranks, no recording in the gradient pass
-    monkeypatch.setattr(fast, "BOUND_SLACK", 1e9)  # never settled early: every chunk up to the limit runs
     calls = []
     exact = fast.distributed_exact_scores
     monkeypatch.setattr(fast, "distributed_exact_scores", lambda *a, **k: calls.append(1) or exact(*a, **k))
     shared = fast_scores(model, layers, "default", scoring, ranks, n_prune=3, refine=9)
-    assert len(calls) == 4  # 3 ranks, then chunks of 2: 5, 7, 9
+    assert len(calls) == 5  # chunks of 2 ranks up to the limit: 2, 4, 6, 8, then 9
     assert len(records) == 1
     assert shared == alone  # the same bits as one process, whose gradient pass recorded the blocks
 
@@ -156,13 +158,52 @@ def test_lazy_refinement_bounds_a_larger_rank_more_widely():
 
 def test_lazy_refinement_does_not_depend_on_the_chunk_size():
     values = {rank: estimate + (0.1 if rank != ("a", 0) else -0.5) for rank, estimate in ESTIMATES.items()}
-    one = refine_lazily(ESTIMATES, n_prune=2, limit=5, rescore=_rescorer(values, []))
-    for chunk in (2, 3, 5):  # several processes re-score a rank each; the ones past the stopping point are dropped
+    one_calls = []
+    one = refine_lazily(ESTIMATES, n_prune=2, limit=5, rescore=_rescorer(values, one_calls))
+    for chunk in (2, 3, 5):  # several processes re-score a rank each; ranks one at a time would not pick are dropped
         calls = []
         assert refine_lazily(ESTIMATES, n_prune=2, limit=5, rescore=_rescorer(values, calls), chunk=chunk) == one
-        assert all(len(call) == max(chunk, 2) or call[-1] == ("b", 1) for call in calls)
+        assert all(len(call) <= chunk for call in calls) and len(calls) < len(one_calls)
     assert refine_lazily(ESTIMATES, n_prune=0, limit=5, rescore=_rescorer(values, [])) == {}
     assert refine_lazily(ESTIMATES, n_prune=2, limit=0, rescore=_rescorer(values, [])) == {}
+
+
+LADDER = {("m", i): float(i) for i in range(8)}  # estimates one apart; 3 to prune
+
+
+def test_lazy_refinement_settles_first_ranks_far_below_the_threshold_without_rescoring_them():
+    values = {rank: estimate + 0.01 for rank, estimate in LADDER.items()}  # first order misses by 0.01
+    calls = []
+    refined = refine_lazily(LADDER, n_prune=3, limit=6, rescore=_rescorer(values, calls), grown=set())
+    # m0 and m1 calibrate (misses 0.01, so m2 lies in [2, 2.02]): m2 is the 3rd lowest whatever its exact value
+    assert refined == {("m", 0): 0.01, ("m", 1): 1.01}
+    assert calls == [[("m", 0), ("m", 1)]]
+    # not known which ranks were grown: every rank is re-scored before it is pruned, as before
+    assert set(refine_lazily(LADDER, n_prune=3, limit=6, rescore=_rescorer(values, []))) == {("m", i) for i in range(3)}
+
+
+def test_lazy_refinement_rescores_a_grown_rank_before_pruning_it():
+    values = {rank: estimate + 0.01 for rank, estimate in LADDER.items()}
+    values[("m", 2)] = 10.0  # grown, at the bottom of its valley: first order says 2, removing it costs 10
+    refined = refine_lazily(LADDER, n_prune=3, limit=6, rescore=_rescorer(values, []), grown={("m", 2)})
+    assert refined[("m", 2)] == 10.0
+    scores = LADDER | refined
+    assert sorted(scores, key=scores.get)[:3] == [("m", 0), ("m", 1), ("m", 3)]
+
+
+def test_the_allocator_tells_the_scorer_which_ranks_rounds_grew(torch_single_thread):
+    model = _model([1e-3, 3e-2, 1e-1])
+    model.peft_config["default"].ranks_per_round = 2
+    model.peft_config["default"].allocation_start = 1
+    model.peft_config["default"].allocation_end = 2
+    model.peft_config["default"].allocation_rounds = 2
+    scoring, _, _ = _scoring_set()
+    allocator = RankAllocator(model, scoring, total_steps=4)
+    assert allocator.grown_ranks() == set()
+    record = allocator.step(1, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
+    assert record["grown_slots"] and allocator.grown_ranks() == {tuple(rank) for rank in record["grown_slots"]}
+    allocator.restore_position(1)  # a resume without the allocator's state: its history is gone
+    assert allocator.grown_ranks() is None
 
 
 def test_default_refinement_is_at_most_twice_the_ranks_pruned(torch_single_thread):

@@ -45,7 +45,7 @@ class ALoRAArguments:
     scoring_batch_size: Optional[int] = field(default=None, metadata={"help": "Micro-batch of scoring passes."})
     scorer: Optional[str] = field(default=None, metadata={"help": f"Importance scorer, one of {SCORERS}."})
     scoring_refine: Optional[int] = field(
-        default=None, metadata={"help": "Fast scorer: at most this many lowest-scored ranks get their removal "
+        default=None, metadata={"help": "Fast scorer: at most this many low-scored ranks get their removal "
                                         "computed exactly, until the pruned set is settled (default 2 * "
                                         "ranks_per_round; 0: first order only)."})
     regrow_init: Optional[str] = field(

@@ -1,8 +1,9 @@
 """AB-LoRA importance scorers. Each scorer is a function
 
-    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=...) -> {rank: score}
+    scorer(model, layers, adapter, scoring, ranks, progress=..., config=..., n_prune=..., grown=...) -> {rank: score}
 
-where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest. ``SCORERS``
+where a higher score means a more important rank; the allocator prunes the ``n_prune`` lowest. ``grown``
+holds the ranks grown by earlier rounds (None when not known), which a scorer may treat with more care. ``SCORERS``
 maps the names accepted by ``ALoRAConfig.scorer`` to them.
 """
 

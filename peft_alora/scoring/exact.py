@@ -104,12 +104,13 @@ def base_prefix(model, editor: GateEditor, blocks, scoring: ScoringSet) -> Prefi
 
 
 def distributed_exact_scores(model, layers, adapter, scoring, ranks, progress=None, config=None, n_prune=None,
-                             parts=("without", "only"), current=None):
+                             parts=("without", "only"), current=None, grown=None):
     """Split ``ranks`` over the processes, score each share, and give every process all scores.
 
     Each score is computed by exactly one process and summed into a zero vector everywhere, so
     every process ends with bit-identical scores, hence identical decisions. With sharded weights
     every process scores every rank and process 0's scores are broadcast (``distributed.share_work``).
+    ``grown`` is part of the scorer interface and not needed here: every rank is scored exactly.
     """
     if world()[0] == 1:
         return exact_scores(model, layers, adapter, scoring, ranks, progress, parts, current)

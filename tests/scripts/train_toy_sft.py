@@ -161,12 +161,14 @@ def main(argv=None):
     # count the ranks this process scores itself (distributed scoring splits them over the processes)
     import peft_alora.scoring.exact as scoring_module
 
-    scored_here = []
+    scored_here = {}  # round index -> ranks this process scored in it (the fast scorer's refinement calls in chunks)
     exact_scores = scoring_module.exact_scores
+    running = {}
 
     def counting_exact_scores(model, layers, adapter, scoring, ranks, *rest, **kwargs):
         ranks = list(ranks)
-        scored_here.append(len(ranks))
+        round_index = running["callback"].allocator.rounds_done
+        scored_here[round_index] = scored_here.get(round_index, 0) + len(ranks)
         return exact_scores(model, layers, adapter, scoring, ranks, *rest, **kwargs)
 
     scoring_module.exact_scores = counting_exact_scores
@@ -187,10 +189,11 @@ def main(argv=None):
                                       args.save_steps, logging_steps=args.logging_steps,
                                       bf16=args.bf16, alora={"scorer": args.scorer}, qlora=args.qlora,
                                       **ENGINES[args.engine])
+    running["callback"] = callback
     trainer.train(resume_from_checkpoint=args.resume_from)
     rank = trainer.args.process_index
     result = collect(trainer, callback)
-    result["ranks_scored_here"] = scored_here
+    result["ranks_scored_here"] = [scored_here[k] for k in sorted(scored_here)]
     result["prefix_records_here"] = len(prefix_records)
     from safetensors.torch import save_file
 
