@@ -119,8 +119,9 @@ def smollm2_setup(args, **target):
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                           alora_config(args, **target))
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(args.seed)  # the adapter's A rows: without it, every run started from other ones
+    model = get_peft_model(base, alora_config(args, **target))
 
     def batch(seeds):
         rows = [chat_example(tokenizer, seed, args.length) for seed in seeds]
