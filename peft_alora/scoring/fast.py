@@ -256,10 +256,8 @@ def refine_lazily(estimates: Mapping[Rank, float], n_prune: int, limit: int,
     limit = min(max(limit, 0), len(estimates))
     size = (lambda rank: max(sizes[rank], 1e-30)) if sizes is not None else (lambda rank: 1.0)
     bounds = _Bounds(estimates, size, None if grown is None else set(grown), n_prune)
-    while n_prune > 0 and len(bounds.refined) < limit:
-        undecided = bounds.undecided()
-        if not undecided:
-            break
+    undecided = bounds.undecided() if n_prune > 0 and limit > 0 else []
+    while undecided:
         first = CALIBRATION if not bounds.refined else 1  # no bound from above before these: the lowest estimates
         chosen = undecided[:min(max(chunk, first), limit - len(bounds.refined))]
         values = rescore(chosen)
