@@ -1,6 +1,8 @@
 """What ALoRA costs next to PEFT LoRA at the same r: step time, peak memory, whole-run wall time (CPU).
 
-1. Per optimizer step, in fp32 and in 4-bit (bitsandbytes runs 4-bit layers on the CPU): a random
+1. Per optimizer step, in fp32 and in 4-bit (bitsandbytes runs 4-bit layers on the CPU; once with the
+   adapter and compute in fp32, as PEFT and the plain Trainer train it, once in bf16, as TRL's
+   SFTTrainer trains QLoRA): a random
    Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
    its default capacity (max_r = 2r slots, r active) vs LoRA at r. Step times: one process holds
    both models and alternates their steps, so both see the same load on a shared machine; the
@@ -86,10 +88,16 @@ def _trainable(path: str, precision: str, method: str, r: int):
     import peft_alora  # noqa: F401
 
     quant = None
-    if precision == "4bit":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quant),
+    dtype = torch.bfloat16 if precision == "4bit_bf16" else torch.float32
+    if precision in ("4bit", "4bit_bf16"):
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant),
                            adapter_config(method, r))
+    if precision == "4bit_bf16":
+        # what TRL's SFTTrainer does to the adapter of a quantized model (QLoRA): its trainable tensors in bf16
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     model.train()
     # fused: what transformers.Trainer (and so TRL) uses by default (optim="adamw_torch_fused")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
@@ -302,8 +310,11 @@ def main(argv=None):
     parser.add_argument("--run-steps", type=int, default=None)
     parser.add_argument("--run-hidden", type=int, default=128)
     parser.add_argument("--run-reps", type=int, default=None)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit", "smollm2-fp32"],
-                        help="fp32 / 4bit: the wide random Llama; smollm2-fp32 / smollm2-4bit: the real SmolLM2-135M")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "4bit", "4bit_bf16", "smollm2-fp32"],
+                        help="fp32 / 4bit: the wide random Llama (4bit: fp32 compute and adapter, as PEFT and "
+                             "the plain Trainer have it); 4bit_bf16: the same 4-bit model with bf16 compute and the "
+                             "adapter cast to bf16, as TRL's SFTTrainer trains QLoRA; smollm2-fp32 / smollm2-4bit: "
+                             "the real SmolLM2-135M")
     parser.add_argument("--run-scorers", nargs="+", default=None, help="ALoRA scorers of the whole-run comparison")
     parser.add_argument("--recipe-reps", type=int, default=None,
                         help="runs of the default recipe (alora-sft, SmolLM2) per method, ~1.5-2.5 min each; "
