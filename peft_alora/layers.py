@@ -2,6 +2,15 @@
 
     h = W0 x + s * B diag(g) A x,        s = lora_alpha / r_init (fixed)
 
+The slots sit in two banks: slots ``0 .. r_init-1`` in PEFT's own ``lora_A`` / ``lora_B``, the
+spare slots ``r_init .. max_r-1`` in ``lora_A_spare`` / ``lora_B_spare``. In one process the
+forward leaves the spare bank out until one of its slots is first grown, so its parameters get
+no gradient and AdamW keeps no moments for them (docs/benchmarks.md, "two-bank layout"); from
+then on it always takes part. Under ``torch.distributed`` it always takes part, as DDP's default,
+FSDP and ZeRO-3 expect of every parameter. Spare slots hold zeros until grown, so both ways train
+the same (``optim_state.start_bank_state`` gives a bank the optimizer state it would have had).
+Slot numbers run over both banks; ``slot_weights`` and ``slot_parameters`` map them.
+
 The gate lives in ``lora_gate[adapter]`` (fp32 buffer, saved with the adapter). Everything else
 (forward plumbing, dtype casts, merge/unmerge of plain, 4-bit and 8-bit weights, disable,
 multi-adapter) is PEFT's own code: the gate enters through PEFT's ``LoraVariant`` hook, which
@@ -21,7 +30,9 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 
 from .config import ALoRAConfig
-from .distributed import assign
+from .distributed import assign, full
+
+SPARE_NAMES = ("lora_A_spare", "lora_B_spare")
 
 
 class GatedVariant(LoraVariant):
@@ -56,9 +67,27 @@ class GatedVariant(LoraVariant):
             # x in fp32 here (PEFT's own 4-bit and 8-bit paths skip it under CUDA autocast) made every
             # QLoRA module write and read its input twice more
             x = module._cast_input_dtype(x, lora_A.weight.dtype)
-        hidden = lora_A(dropout(x))
+        x = dropout(x)
+        hidden = lora_A(x)
         gate = module.lora_gate[active_adapter].to(hidden.dtype)
-        return result + lora_B(hidden * gate) * module.scaling[active_adapter]
+        main = hidden.shape[-1]
+        out = lora_B(hidden * gate[:main])
+        if module.spare_in_forward(active_adapter):
+            out = out + module.lora_B_spare[active_adapter](module.lora_A_spare[active_adapter](x) * gate[main:])
+        return result + out * module.scaling[active_adapter]
+
+
+def _version_of(tensor: torch.Tensor) -> Optional[int]:
+    """How often ``tensor`` was written in place (None for an inference-mode tensor, which keeps no count)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _spare_used(spare_gates: torch.Tensor, spare_a: torch.Tensor) -> bool:
+    """Whether a spare bank has been grown into: a slot is on, or an A row is not zero (see spare_in_forward)."""
+    return bool((spare_gates != 0).any()) or bool((spare_a != 0).any())
 
 
 def fresh_a_row(in_features: int, init_lora_weights, r_init: int, generator=None, device=None, dtype=None):
@@ -74,8 +103,11 @@ def fresh_a_row(in_features: int, init_lora_weights, r_init: int, generator=None
 class GatedLoraMixin:
     """Adds rank slots, the gate and the rank-state API to a PEFT LoRA layer class."""
 
+    # the spare bank is listed with PEFT's A and B, so that PEFT moves, casts, freezes and deletes it with them
+    adapter_layer_names = LoraLayer.adapter_layer_names + SPARE_NAMES
     # per-adapter state besides LoRA's own; listed so that PEFT's delete_adapter removes it too
-    other_param_names = LoraLayer.other_param_names + ("lora_gate", "lora_scale", "r_init", "init_lora_weights")
+    other_param_names = LoraLayer.other_param_names + ("lora_gate", "lora_scale", "r_init", "init_lora_weights",
+                                                       "spare_in_use")
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
         return GatedVariant()
@@ -90,20 +122,21 @@ class GatedLoraMixin:
         if not hasattr(self, "lora_gate"):
             self.lora_gate = BufferDict(persistent=True)
             self.lora_scale = BufferDict(persistent=True)
+            self.lora_A_spare = torch.nn.ModuleDict()
+            self.lora_B_spare = torch.nn.ModuleDict()
             self.r_init = {}
             self.init_lora_weights = {}
+            self.spare_in_use = {}
+            self._spare_seen = {}  # adapter -> (gate, spare A, their versions) when spare_in_use was last derived
         r_init = r
         capacity = config.capacity
-        super().update_layer(adapter_name, capacity, lora_alpha=lora_alpha, config=config, **kwargs)
-        # PEFT sized everything for `capacity` slots; the scale follows the initial rank instead.
-        self.r[adapter_name] = r_init
+        random_state = torch.random.get_rng_state()
+        # PEFT builds the main bank: r_init slots, scaled as a rank-r_init LoRA
+        super().update_layer(adapter_name, r_init, lora_alpha=lora_alpha, config=config, **kwargs)
         self.r_init[adapter_name] = r_init
         self.init_lora_weights[adapter_name] = config.init_lora_weights
-        if config.init_lora_weights == "gaussian":
-            # PEFT drew A with std 1 / capacity; a rank-r LoRA (and every later fresh rank) uses 1 / r
-            self.reset_lora_parameters(adapter_name, config.init_lora_weights)
-        denom = math.sqrt(r_init) if config.use_rslora else r_init
-        self.scaling[adapter_name] = lora_alpha / denom
+        self._draw_as_one_bank(adapter_name, capacity, random_state)
+        self._add_spare_bank(adapter_name, capacity - r_init)
         # on the base layer's device, never on "meta" (low_cpu_mem_usage builds A and B there, and PEFT then
         # moves every lora_* submodule without meta parameters: a meta buffer cannot be moved)
         device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
@@ -113,11 +146,73 @@ class GatedLoraMixin:
         # saved with the weights, so that a load can tell when r / lora_alpha in adapter_config.json were changed
         self.lora_scale[adapter_name] = torch.tensor([self.scaling[adapter_name]], dtype=torch.float32, device=device)
 
+    @torch.no_grad()
+    def _draw_as_one_bank(self, adapter: str, capacity: int, random_state: torch.Tensor) -> None:
+        """Redraw the main bank from ``random_state`` (taken before PEFT drew it) as the first r_init of
+        ``capacity`` slots, drawn the way PEFT 0.21 draws a LoRA of that rank (``nn.Linear``'s own init of A
+        and B, then ``reset_lora_parameters``). peft_alora kept all slots in one bank before, so a seed gives
+        the same adapter and the same run as it did then, and the random stream goes on as it did."""
+        weight_a, weight_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if weight_a.device.type == "meta":
+            return  # low_cpu_mem_usage: nothing was drawn, the weights come from a file
+        r_init, init = self.r_init[adapter], self.init_lora_weights[adapter]
+        torch.random.set_rng_state(random_state)
+        draw_a, draw_b = torch.empty(capacity, self.in_features), torch.empty(self.out_features, capacity)
+        torch.nn.init.kaiming_uniform_(draw_a, a=math.sqrt(5))
+        torch.nn.init.kaiming_uniform_(draw_b, a=math.sqrt(5))
+        if init == "gaussian":  # PEFT drew std 1 / capacity, then the old layer redrew with 1 / r (a rank-r LoRA's)
+            draw_a.normal_(0.0, 1.0 / capacity)
+            draw_a.normal_(0.0, 1.0 / r_init)
+        elif init is not False:
+            torch.nn.init.kaiming_uniform_(draw_a, a=math.sqrt(5))
+        weight_a.copy_(draw_a[:r_init])
+        if init is False:  # PEFT's "no init": B keeps nn.Linear's draw
+            weight_b.copy_(draw_b[:, :r_init])
+
+    def _add_spare_bank(self, adapter: str, slots: int) -> None:
+        """The spare slots, on the main bank's device, dtype and trainability, all zero: a slot gets its A row when
+        it is grown, and a zero slot stays zero under weight decay, trained in the forward or not."""
+        self.spare_in_use[adapter] = False
+        if slots <= 0:
+            return
+        main_a, main_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        spare_a = torch.nn.Linear(self.in_features, slots, bias=False, device="meta")
+        spare_b = torch.nn.Linear(slots, self.out_features, bias=False, device="meta")
+        if main_a.device.type != "meta":  # low_cpu_mem_usage: PEFT builds the main bank on "meta" too
+            spare_a.to_empty(device=main_a.device)
+            spare_b.to_empty(device=main_b.device)
+            with torch.no_grad():
+                spare_a.weight.zero_()
+                spare_b.weight.zero_()
+        spare_a.to(main_a.dtype).requires_grad_(main_a.requires_grad)
+        spare_b.to(main_b.dtype).requires_grad_(main_b.requires_grad)
+        self.lora_A_spare[adapter] = spare_a
+        self.lora_B_spare[adapter] = spare_b
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for adapter in self.lora_gate:
             if f"{prefix}lora_A.{adapter}.weight" in state_dict:  # this load carries weights of `adapter`
+                self._split_one_bank_file(state_dict, prefix, adapter)
                 self._check_loaded_adapter(state_dict, prefix, adapter)
+                spare_a = state_dict.get(f"{prefix}lora_A_spare.{adapter}.weight")
+                gate = state_dict[f"{prefix}lora_gate.{adapter}"][self.r_init[adapter]:]
+                self.spare_in_use[adapter] = spare_a is not None and _spare_used(gate, spare_a)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _split_one_bank_file(self, state_dict, prefix, adapter: str) -> None:
+        """An adapter saved before the two-bank layout holds all ``max_r`` slots in ``lora_A`` / ``lora_B``:
+        its rows (A) and columns (B) past ``r_init`` become the spare bank's entries."""
+        a_key, b_key = f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight"
+        main = self.r_init[adapter]
+        weight_a, weight_b = state_dict[a_key], state_dict.get(b_key)
+        if adapter not in self.lora_A_spare or weight_a.shape[0] != self.capacity(adapter) or weight_b is None:
+            return
+        if f"{prefix}lora_A_spare.{adapter}.weight" in state_dict:
+            return  # both layouts at once: the shape checks below report it
+        state_dict[a_key], state_dict[f"{prefix}lora_A_spare.{adapter}.weight"] = (
+            weight_a[:main].contiguous(), weight_a[main:].contiguous())
+        state_dict[b_key], state_dict[f"{prefix}lora_B_spare.{adapter}.weight"] = (
+            weight_b[:, :main].contiguous(), weight_b[:, main:].contiguous())
 
     def _check_loaded_adapter(self, state_dict, prefix, adapter: str) -> None:
         """Refuse adapter files whose gates are missing or not 0/1, or whose scale disagrees with the config."""
@@ -158,8 +253,7 @@ class GatedLoraMixin:
                 buffers[adapter_name] = buffers[adapter_name].float()  # gates and scales stay fp32 whatever the base
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
+        weight_A, weight_B = self.slot_weights(adapter, gather=False)
         dtype = weight_B.dtype
         compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         gate = self.lora_gate[adapter].to(weight_A.device, compute)
@@ -171,6 +265,46 @@ class GatedLoraMixin:
 
     def capacity(self, adapter: str) -> int:
         return self.lora_gate[adapter].numel()
+
+    def spare_in_forward(self, adapter: str) -> bool:
+        """Whether the forward runs the spare bank: under ``torch.distributed`` always; else once a slot of it has
+        been grown (it then stays in, like a bank under several processes, pruned slots included).
+
+        A bank that was ever grown into has a nonzero A row (a grown slot's A row is drawn fresh and
+        only decays afterwards), so the weights themselves record it, in checkpoints too. The flag is
+        set by ``activate_slot`` and by loads through PEFT; weights or gates written any other way
+        (transformers' ``load_adapter`` sets them directly) are looked at once per change.
+        """
+        if adapter not in self.lora_A_spare:
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return True
+        if not self.spare_in_use[adapter]:
+            gate, spare_a = self.lora_gate[adapter], self.lora_A_spare[adapter].weight
+            seen = self._spare_seen.get(adapter)
+            if seen is None or seen[0] is not gate or seen[1] is not spare_a \
+                    or seen[2:] != (_version_of(gate), _version_of(spare_a)):
+                self.spare_in_use[adapter] = _spare_used(gate[self.r_init[adapter]:], spare_a)
+                self._spare_seen[adapter] = (gate, spare_a, _version_of(gate), _version_of(spare_a))
+        return self.spare_in_use[adapter]
+
+    def slot_weights(self, adapter: str, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (max_r x in) and B (out x max_r) of every slot, both banks joined (a copy when there are two);
+        ``gather``: sharded parameters are gathered first (a collective under FSDP / ZeRO-3)."""
+        take = full if gather else (lambda tensor: tensor)
+        weight_a, weight_b = take(self.lora_A[adapter].weight), take(self.lora_B[adapter].weight)
+        if adapter in self.lora_A_spare:
+            weight_a = torch.cat([weight_a, take(self.lora_A_spare[adapter].weight).to(weight_a.device)])
+            weight_b = torch.cat([weight_b, take(self.lora_B_spare[adapter].weight).to(weight_b.device)], dim=1)
+        return weight_a, weight_b
+
+    def slot_parameters(self, adapter: str, slot: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, int]:
+        """The A and B parameters of the bank that holds ``slot``, and the slot's index in that bank."""
+        main = self.r_init[adapter]  # not the weight's shape: a ZeRO-3 parameter is empty between forwards
+        if slot < main:
+            return self.lora_A[adapter].weight, self.lora_B[adapter].weight, slot
+        return self.lora_A_spare[adapter].weight, self.lora_B_spare[adapter].weight, slot - main
+
 
     def active_slots(self, adapter: str) -> list[int]:
         return torch.nonzero(self.lora_gate[adapter] > 0).flatten().tolist()
@@ -204,15 +338,16 @@ class GatedLoraMixin:
         gate = self.lora_gate[adapter]
         if gate[slot] != 0:
             raise ValueError(f"slot {slot} of adapter {adapter!r} is already active")
-        weight_A = self.lora_A[adapter].weight
-        weight_B = self.lora_B[adapter].weight
+        weight_A, weight_B, index = self.slot_parameters(adapter, slot)
         row = fresh_a_row(self.in_features, self.init_lora_weights.get(adapter, True), self.r_init[adapter],
                           generator=generator)[0]
         if direction is not None:
             row = direction.to(row) * row.norm()
-        assign(weight_A, slot, row.to(device=weight_A.device, dtype=weight_A.dtype))
-        assign(weight_B, (slice(None), slot), 0.0)
+        assign(weight_A, index, row.to(device=weight_A.device, dtype=weight_A.dtype))
+        assign(weight_B, (slice(None), index), 0.0)
         gate[slot] = 1.0
+        if slot >= self.r_init[adapter]:
+            self.spare_in_use[adapter] = True
 
 
 class GatedLinear(GatedLoraMixin, lora_layer.Linear):

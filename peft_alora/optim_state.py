@@ -1,6 +1,6 @@
 """Zero the optimizer moments of re-activated rank slots (docs/design.md, decision 4).
 
-A slot is a row of ``lora_A.weight`` and a column of ``lora_B.weight``. Every per-element state
+A slot is a row of A and a column of B of the bank that holds it (``layers.py``). Every per-element state
 tensor of the optimizer that has the parameter's shape (AdamW's ``exp_avg``/``exp_avg_sq``,
 fused AdamW, bitsandbytes' ``state1``/``state2``) gets that slice reset to zero. 8-bit
 bitsandbytes states hold codes into a quantisation map: the slice gets the code of 0.0.
@@ -51,14 +51,58 @@ def reset_slot_state(optimizer, param: torch.nn.Parameter, index) -> int:
     return reset
 
 
+def _group_and_index(optimizer, param) -> tuple[int, int, dict]:
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, member in enumerate(group["params"]):
+            if member is param:
+                return group_index, param_index, group
+    raise KeyError("parameter not in the optimizer")
+
+
+@torch.no_grad()
+def start_bank_state(optimizer, param: torch.nn.Parameter, like: torch.nn.Parameter) -> bool:
+    """Give ``param`` (a spare bank joining the training, no state yet) the state that steps with zero
+    gradients would have left it, as under several processes, where the bank takes every step: zero
+    moments, and the per-tensor step count of ``like`` (the main bank, which took every step).
+
+    Returns whether a state was made. bitsandbytes optimizers make their own (``init_state``); for
+    others every per-element state of ``like`` becomes zeros and every per-tensor value is copied. A
+    state of any other form (Adafactor's factored moments) is left for the optimizer to start afresh.
+    """
+    state = getattr(optimizer, "state", None)
+    if state is None or state.get(param) or not state.get(like):
+        return False  # it has a state already, or no step has been taken yet: both banks start alike
+    reference = state[like]
+    try:
+        group_index, param_index, group = _group_and_index(optimizer, param)
+    except KeyError:
+        return False  # not trained by this optimizer
+    if hasattr(optimizer, "init_state") and "step" in reference:  # bitsandbytes
+        optimizer.init_state(group, param, group_index, param_index)
+        state[param]["step"] = reference["step"]
+        return True
+    made = {}
+    for key, value in reference.items():
+        if not isinstance(value, torch.Tensor) or value.numel() <= 1 and value.shape != like.shape:
+            made[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        elif value.shape == like.shape:
+            made[key] = torch.zeros(param.shape, dtype=value.dtype, device=value.device)
+        else:
+            return False
+    state[param] = made
+    return True
+
+
 def reset_slots(optimizer, layer, adapter: str, slot: int) -> int:
     """Reset the moments of one slot of a gated layer (A row and B column)."""
     if optimizer is None:
         return 0
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    weight_a = layer.lora_A[adapter].weight
-    weight_b = layer.lora_B[adapter].weight
-    slices = ((weight_a, (slot, slice(None))), (weight_b, (slice(None), slot)))
+    weight_a, weight_b, index = layer.slot_parameters(adapter, slot)
+    if weight_a is not layer.lora_A[adapter].weight:  # a spare bank: maybe its first slot
+        start_bank_state(optimizer, weight_a, layer.lora_A[adapter].weight)
+        start_bank_state(optimizer, weight_b, layer.lora_B[adapter].weight)
+    slices = ((weight_a, (index, slice(None))), (weight_b, (slice(None), index)))
     # DeepSpeed ZeRO keeps the moments in flat partitions, not under the parameters
     return sum(reset_deepspeed_moments(param, index) or reset_slot_state(optimizer, param, index)
                for param, index in slices)

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .distributed import full, sum_across_processes, world
+from .distributed import sum_across_processes, world
 from .scoring.base_gradient import BaseGradients
 from .scoring.common import ScoringSet, eval_mode, model_device
 from .scoring.exact import GateEditor
@@ -55,7 +55,7 @@ def gradient_directions(
         if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
             continue
         layer = chosen[name]
-        rows = full(layer.lora_A[adapter].weight).detach().float().to(g.device)[layer.active_slots(adapter)]
+        rows = layer.slot_weights(adapter)[0].detach().float().to(g.device)[layer.active_slots(adapter)]
         if rows.numel():
             basis, _ = torch.linalg.qr(rows.T)  # d_in x r_active, orthonormal
             g = g - (g @ basis) @ basis.T

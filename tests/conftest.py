@@ -94,7 +94,7 @@ def randomize_lora_b(model, std: float = 0.05, seed: int = 0, adapter: str | Non
     """Give every lora_B (all slots) random values, so the adapter changes the output."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if ".lora_B." in name and (adapter is None or f".{adapter}." in name):
+        if (".lora_B." in name or ".lora_B_spare." in name) and (adapter is None or f".{adapter}." in name):
             param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
@@ -110,7 +110,8 @@ def make_ranks_unequal(model, adapter: str = "default", seed: int = 0):
     for slot in (first.r_init[adapter], first.r_init[adapter] + 1):
         third.activate_slot(adapter, slot, generator=generator)
         with torch.no_grad():  # a fresh rank has B = 0; give it weight so the slot matters
-            third.lora_B[adapter].weight[:, slot] = torch.randn(third.out_features, generator=generator) * 0.05
+            _, weight_b, index = third.slot_parameters(adapter, slot)
+            weight_b[:, index] = torch.randn(third.out_features, generator=generator) * 0.05
     return {name: layers[name].num_active(adapter) for name in names}
 
 

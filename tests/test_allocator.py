@@ -77,8 +77,9 @@ def test_grown_slots_start_fresh_and_pruned_slots_are_not_reused_in_the_same_rou
         layer = layers[module]
         assert (module, slot) not in pruned
         assert layer.lora_gate["default"][slot] == 1
-        assert torch.count_nonzero(layer.lora_B["default"].weight[:, slot]) == 0  # output unchanged
-        assert torch.count_nonzero(layer.lora_A["default"].weight[slot]) > 0
+        weight_a, weight_b = layer.slot_weights("default")
+        assert torch.count_nonzero(weight_b[:, slot]) == 0  # output unchanged
+        assert torch.count_nonzero(weight_a[slot]) > 0
 
 
 def test_training_without_an_allocator_warns_once_that_nothing_will_be_allocated():
@@ -132,6 +133,8 @@ def test_a_round_without_the_optimizer_warns_once_that_moments_were_not_reset():
 def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
     model, allocator, optimizer, ids = _setup(optimizer_cls=optimizer_cls)
     inner = getattr(optimizer, "optimizer", optimizer)
+    for _, layer in model.base_model.gated_layers():  # spare banks in use, so that they hold moments to reset
+        layer.activate_slot("default", layer.r_init["default"])
     for step in range(1, 3):
         _train_step(model, optimizer, ids)
     # make every slot look used (as a slot pruned in an earlier round would be): nonzero moments
@@ -155,16 +158,16 @@ def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
 
     checked = 0
     for module, slot in record["grown_slots"]:
-        a = layers[module].lora_A["default"].weight
-        b = layers[module].lora_B["default"].weight
+        a, b, index = layers[module].slot_parameters("default", slot)
         for key, value in moments(a):
-            assert torch.count_nonzero(value[slot]) == 0, key
+            assert torch.count_nonzero(value[index]) == 0, key
             checked += 1
         for key, value in moments(b):
-            assert torch.count_nonzero(value[:, slot]) == 0, key
-        # an active slot that was not touched keeps its moments
-        kept = layers[module].active_slots("default")[0]
-        assert any(torch.count_nonzero(v[kept]) > 0 for _, v in moments(a))
+            assert torch.count_nonzero(value[:, index]) == 0, key
+        # an active slot of the same bank that was not touched keeps its moments
+        same_bank = [layers[module].slot_parameters("default", other)[2] for other in layers[module].active_slots("default")
+                     if other != slot and layers[module].slot_parameters("default", other)[0] is a]
+        assert same_bank and any(torch.count_nonzero(v[same_bank[0]]) > 0 for _, v in moments(a))
     assert checked >= 2 * len(record["grown_slots"])
 
 

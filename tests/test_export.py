@@ -54,7 +54,7 @@ def test_export_contents(kind, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
         if name not in kept:
             continue
         active = layer.active_slots("default")
-        weight_a, weight_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        weight_a, weight_b = layer.slot_weights("default")
         got_a = tensors[f"base_model.model.{name}.lora_A.weight"]
         got_b = tensors[f"base_model.model.{name}.lora_B.weight"]
         assert got_a.shape == (kept[name], layer.in_features) and got_b.shape == (layer.out_features, kept[name])

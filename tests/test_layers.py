@@ -22,7 +22,7 @@ from conftest import (
     train_steps,
 )
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -52,7 +52,27 @@ def build(tiny_llama_dir, tiny_gpt2_dir):
 
 
 def _weights(layer, adapter="default"):
-    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.lora_gate[adapter]
+    """A and B of every slot (a copy joining both banks) and the gate."""
+    return (*layer.slot_weights(adapter), layer.lora_gate[adapter])
+
+
+def _slot_grads(layer, adapter="default"):
+    """Gradients of A and B of every slot; a bank without a gradient (left out of the forward) reads as None."""
+    banks = [(layer.lora_A, layer.lora_B), (layer.lora_A_spare, layer.lora_B_spare)]
+    return [[bank[adapter].weight.grad for bank in pair] for pair in banks if adapter in pair[0]]
+
+
+def _joined_grads(layer, adapter="default"):
+    grads_a, grads_b = [], []
+    for (grad_a, grad_b), (weight_a, weight_b) in zip(_slot_grads(layer, adapter), _banks(layer, adapter)):
+        grads_a.append(grad_a if grad_a is not None else torch.zeros_like(weight_a))
+        grads_b.append(grad_b if grad_b is not None else torch.zeros_like(weight_b))
+    return torch.cat(grads_a), torch.cat(grads_b, dim=1)
+
+
+def _banks(layer, adapter="default"):
+    banks = [(layer.lora_A, layer.lora_B), (layer.lora_A_spare, layer.lora_B_spare)]
+    return [(pair[0][adapter].weight, pair[1][adapter].weight) for pair in banks if adapter in pair[0]]
 
 
 # ---- the gated forward ------------------------------------------------------------------------
@@ -101,13 +121,17 @@ def test_inactive_slots_get_exactly_zero_gradient(build, kind):
     x = random_batch()
     model(input_ids=x, labels=x).loss.backward()
     for name, layer in model.base_model.gated_layers():
-        weight_a, weight_b, gate = _weights(layer)
+        _, _, gate = _weights(layer)
+        grad_a, grad_b = _joined_grads(layer)
         off, on = gate == 0, gate > 0
-        assert torch.count_nonzero(weight_a.grad[off]) == 0, name
-        assert torch.count_nonzero(weight_b.grad[:, off]) == 0, name
+        assert torch.count_nonzero(grad_a[off]) == 0, name
+        assert torch.count_nonzero(grad_b[:, off]) == 0, name
         assert gate.grad is None and not gate.requires_grad
         if on.any():
-            assert weight_a.grad[on].abs().sum() > 0 and weight_b.grad[:, on].abs().sum() > 0, name
+            assert grad_a[on].abs().sum() > 0 and grad_b[:, on].abs().sum() > 0, name
+        # one process: a spare bank without an active slot stays out of the forward, so it has no gradient at all
+        spare = _slot_grads(layer)[1]
+        assert (spare[0] is None and spare[1] is None) == (not bool(on[layer.r_init["default"]:].any())), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -336,6 +360,7 @@ def test_deactivate_and_activate_slots(build, kind):
 
     old_row = weight_a[5].detach().clone()
     layer.activate_slot("default", 5, generator=torch.Generator().manual_seed(3))
+    weight_a, weight_b, gate = _weights(layer)
     assert layer.active_slots("default") == [0, 1, 3, 5] and gate[5] == 1.0
     assert torch.count_nonzero(weight_b[:, 5]) == 0
     assert not torch.equal(weight_a[5], old_row)
@@ -347,15 +372,37 @@ def test_deactivate_and_activate_slots(build, kind):
 
     # a slot pruned earlier can be reused as a fresh rank; the same generator seed draws the same row
     layer.activate_slot("default", 2, generator=torch.Generator().manual_seed(3))
+    weight_a, weight_b, gate = _weights(layer)
     torch.testing.assert_close(weight_a[2], weight_a[5], rtol=0, atol=0)
     assert torch.count_nonzero(weight_b[:, 2]) == 0 and layer.num_active("default") == 5
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_a_seed_gives_the_adapter_that_one_bank_of_max_r_slots_gave(init):
+    """The main bank holds what PEFT draws for the first r of max_r slots (peft_alora's layout before the spare bank),
+    and the random stream goes on as after that draw; the spare bank starts at zero."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(5)
+    alora = get_peft_model(make_tiny_llama(seed=1), alora_config(r=4, max_r=8, target_modules=targets,
+                                                                  init_lora_weights=init))
+    after_alora = torch.rand(3)
+    torch.manual_seed(5)
+    lora = get_peft_model(make_tiny_llama(seed=1), LoraConfig(r=8, lora_alpha=8, target_modules=targets,
+                                                              init_lora_weights=init))
+    assert torch.equal(torch.rand(3), after_alora)
+    peft_layers = dict(lora.base_model.model.named_modules())
+    for name, layer in alora.base_model.gated_layers():
+        reference = peft_layers[name]
+        assert torch.equal(layer.lora_A["default"].weight, reference.lora_A["default"].weight[:4]), name
+        assert torch.equal(layer.lora_B["default"].weight, reference.lora_B["default"].weight[:, :4]), name
+        assert not layer.lora_A_spare["default"].weight.any() and not layer.lora_B_spare["default"].weight.any()
 
 
 def test_gaussian_init_of_fresh_ranks(build):
     model = build("linear", init_lora_weights="gaussian")
     layer = model.base_model.get_gated_layer("model.layers.0.mlp.down_proj")  # in_features 128
     layer.activate_slot("default", 6, generator=torch.Generator().manual_seed(0))
-    row = layer.lora_A["default"].weight[6]
+    row = layer.slot_weights("default")[0][6]
     assert abs(row.std().item() - 1 / 4) < 0.05  # std 1 / r, as PEFT draws a "gaussian" A
     initial = layer.lora_A["default"].weight[:4]
     assert abs(initial.std().item() - 1 / 4) < 0.05  # the initial ranks were drawn the same way
@@ -393,7 +440,7 @@ def test_training_changes_only_adapter_parameters(build, kind):
     frozen = {n: t.detach().clone() for n, t in model.state_dict().items() if "lora_" not in n}
     gates = {n: layer.lora_gate["default"].clone() for n, layer in model.base_model.gated_layers()}
     adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert adapter and all(".lora_A." in n or ".lora_B." in n for n in adapter)
+    assert adapter and all(n.split(".")[-3] in ("lora_A", "lora_B", "lora_A_spare", "lora_B_spare") for n in adapter)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     losses = train_steps(model, x, optimizer, 4)
@@ -406,16 +453,28 @@ def test_training_changes_only_adapter_parameters(build, kind):
         assert layer.lora_gate["default"].dtype == torch.float32
         assert torch.equal(layer.lora_gate["default"], gates[name])
     changed = {n for n, p in model.named_parameters() if n in adapter and not torch.equal(p, adapter[n])}
-    ranks = {f"base_model.model.{name}": layer.num_active("default") for name, layer in model.base_model.gated_layers()}
-    live = {n for n in adapter if ranks[n.split(".lora_")[0]] > 0}
-    assert changed == live  # every module with active ranks trained; a module at rank 0 did not move
+    layers = {f"base_model.model.{name}": layer for name, layer in model.base_model.gated_layers()}
+
+    def bank_is_live(name):
+        layer = layers[name.split(".lora_")[0]]
+        spare = "_spare." in name
+        return any((slot >= layer.r_init["default"]) == spare for slot in layer.active_slots("default"))
+
+    live = {n for n in adapter if bank_is_live(n)}
+    assert changed == live  # every bank with active ranks trained; a bank without any (rank 0, spare) did not move
+    # one process: a spare bank with no active slot never had a gradient, so AdamW holds no moments for it
+    params = dict(model.named_parameters())
+    spare = {n for n in adapter if "_spare." in n}
+    assert {n for n in spare if optimizer.state.get(params[n])} == spare & live
+    assert spare & live and spare - live
     # inactive slots did not move (zero gradient and no weight decay)
-    for name, layer in model.base_model.gated_layers():
+    for name, layer in layers.items():
         off = layer.lora_gate["default"] == 0
-        prefix = f"base_model.model.{name}"
-        assert torch.equal(layer.lora_A["default"].weight[off], adapter[f"{prefix}.lora_A.default.weight"][off])
-        assert torch.equal(layer.lora_B["default"].weight[:, off],
-                           adapter[f"{prefix}.lora_B.default.weight"][:, off])
+        before_a = torch.cat([adapter[f"{name}.{bank}.default.weight"] for bank in ("lora_A", "lora_A_spare")])
+        before_b = torch.cat([adapter[f"{name}.{bank}.default.weight"] for bank in ("lora_B", "lora_B_spare")], dim=1)
+        weight_a, weight_b = layer.slot_weights("default")
+        assert torch.equal(weight_a[off], before_a[off])
+        assert torch.equal(weight_b[:, off], before_b[:, off])
 
 
 @pytest.mark.parametrize("kind", BASE_KINDS)

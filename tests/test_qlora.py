@@ -41,7 +41,8 @@ def test_qlora_trains_only_the_adapter(quant, tiny_llama_dir):
         model(input_ids=x)  # bitsandbytes' CPU 4-bit kernels repack the weights in the first forward
     frozen = {n: t.detach().clone() for n, t in model.state_dict().items() if "lora_" not in n}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    assert trainable and all(n.split(".")[-3] in ("lora_A", "lora_B", "lora_A_spare", "lora_B_spare")
+                             for n in trainable)
     gates = {n: layer.lora_gate["default"].clone() for n, layer in layers.items()}
 
     # no weight decay: it would shrink the unused weights of the rank-0 module, which the check below counts
@@ -54,7 +55,8 @@ def test_qlora_trains_only_the_adapter(quant, tiny_llama_dir):
     for name, value in frozen.items():
         assert torch.equal(state[name], value), name
     changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
-    assert len(changed) == 2 * 13  # every A and B, except those of the module left at rank 0
+    # every main-bank A and B except those of the module left at rank 0, and the one spare bank with active slots
+    assert len(changed) == 2 * 13 + 2 and sum("_spare." in n for n in changed) == 2
     for name, layer in layers.items():
         assert layer.lora_gate["default"].dtype == torch.float32
         assert torch.equal(layer.lora_gate["default"], gates[name])

@@ -53,7 +53,7 @@ def test_directions_are_leading_singular_vectors_of_the_gradient_outside_the_act
     assert all(p.grad is None for p in model.parameters())  # nothing leaked into .grad
 
     g = _weight_gradient(model, name, scoring)
-    rows = layers[name].lora_A["default"].weight.detach()[layers[name].active_slots("default")]
+    rows = layers[name].slot_weights("default")[0].detach()[layers[name].active_slots("default")]
     q, _ = torch.linalg.qr(rows.T)
     expected = torch.linalg.svd(g - g @ q @ q.T).Vh[:2]
     assert torch.allclose((got @ expected.T).abs(), torch.eye(2), atol=1e-4)  # same directions up to sign
@@ -78,7 +78,7 @@ def test_gradient_regrowth_keeps_output_and_aims_new_rows(torch_single_thread):
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
     for module, slot in grown:
-        assert torch.all(allocator.layers[module].lora_B["default"].weight[:, slot] == 0)
+        assert torch.all(allocator.layers[module].slot_weights("default")[1][:, slot] == 0)
 
 
 def test_gradient_rows_give_new_b_columns_more_gradient_than_random_rows(torch_single_thread):
@@ -87,12 +87,12 @@ def test_gradient_rows_give_new_b_columns_more_gradient_than_random_rows(torch_s
         model, scoring = _model_and_scoring(regrow_init=init)
         allocator = RankAllocator(model, scoring, total_steps=6, seed=1)
         record = allocator.run_round(2)
-        norms[init] = [float(allocator.layers[m].lora_A["default"].weight[s].detach().norm()) for m, s in record["grown_slots"]]
+        norms[init] = [float(allocator.layers[m].slot_weights("default")[0][s].norm()) for m, s in record["grown_slots"]]
         model.train()
         for batch in scoring.batches:
             model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-        grads[init] = sum(float(allocator.layers[m].lora_B["default"].weight.grad[:, s].norm())
-                          for m, s in record["grown_slots"])
+        banks = [allocator.layers[m].slot_parameters("default", s) for m, s in record["grown_slots"]]
+        grads[init] = sum(float(weight_b.grad[:, index].norm()) for _, weight_b, index in banks)
     assert grads["gradient"] > 2 * grads["random"]
     assert norms["gradient"] == pytest.approx(norms["random"], rel=1e-5)  # same length as the random row it replaces
 

@@ -170,6 +170,25 @@ def test_saved_adapter_loads_back(saved):
     assert _load(saved).base_model.rank_state() == json.loads((saved / "rank_state.json").read_text())
 
 
+def test_adapter_saved_with_every_slot_in_one_bank_loads(saved):
+    """Files written before the two-bank layout hold all max_r slots in lora_A / lora_B: they load to the same
+    model, regrown spare slots included."""
+    x = random_batch()
+    expected, ranks = logits_of(_load(saved), x), json.loads((saved / "rank_state.json").read_text())
+
+    def join_banks(tensors):
+        spare_keys = [k for k in tensors if k.endswith(("lora_A_spare.weight", "lora_B_spare.weight"))]
+        assert spare_keys
+        for key in spare_keys:
+            main = key.replace("_spare.weight", ".weight")
+            tensors[main] = torch.cat([tensors[main], tensors.pop(key)], dim=0 if "lora_A" in key else 1)
+
+    _edit_weights(saved, join_banks)
+    loaded = _load(saved)
+    assert loaded.base_model.rank_state() == ranks and any(s >= 4 for slots in ranks.values() for s in slots)
+    torch.testing.assert_close(logits_of(loaded, x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("value", [0.5, 3.0, -1.0, math.nan])
 def test_gates_other_than_0_and_1_are_refused(saved, value):
     def edit(tensors):
@@ -271,6 +290,8 @@ def test_alora_and_plain_lora_cannot_share_modules():
 def test_adafactor_factored_moments_that_cannot_be_reset_are_warned_about():
     allocator = _allocator()
     model = allocator.model
+    for _, layer in model.base_model.gated_layers():  # spare banks in use, so that they too hold optimizer state
+        layer.activate_slot("default", layer.r_init["default"])
     optimizer = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = random_batch(n=4, length=12)
     model.train()

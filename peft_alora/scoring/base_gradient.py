@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..distributed import full, sum_across_processes
+from ..distributed import sum_across_processes
 from .common import ScoringSet
 
 CACHE_LIMIT_BYTES = 1 << 30  # SmolLM2-135M all-linear: 0.42 GB; a 7B model would need ~26 GB
@@ -65,8 +65,7 @@ class BaseGradients:
     def alone(self, layer: torch.nn.Module, name: str, adapter: str) -> torch.Tensor:
         """``d(summed CE)/d g`` at all gates off, for every slot of ``layer`` (float64)."""
         grad = self.grads[name]
-        weight_a = full(layer.lora_A[adapter].weight).detach().to(grad.device, torch.float32)
-        weight_b = full(layer.lora_B[adapter].weight).detach().to(grad.device, torch.float32)
+        weight_a, weight_b = (w.detach().to(grad.device, torch.float32) for w in layer.slot_weights(adapter))
         with torch.autocast(grad.device.type, enabled=False):  # fp32 whatever the caller's autocast
             per_slot = ((weight_b.t() @ grad) * weight_a).sum(dim=1)
         return (per_slot * layer.scaling[adapter]).double().cpu()

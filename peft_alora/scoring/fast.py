@@ -30,7 +30,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..allocation import Rank
-from ..distributed import full, is_sharded, share_work, world
+from ..distributed import is_sharded, share_work, world
 from .base_gradient import CACHE_LIMIT_BYTES, BaseGradients, gradient_bytes
 from .common import (ScoringSet, base_cache_key, base_is_frozen, batch_loss_sum, eval_mode, forwards_replaced,
                      model_device)
@@ -179,8 +179,9 @@ def rank_sizes(layers: Mapping[str, torch.nn.Module], adapter: str, ranks: Seque
     sizes = {}
     for name, chosen in slots.items():
         layer = layers[name]
-        rows = full(layer.lora_A[adapter].weight).detach().double().pow(2).sum(1)
-        columns = full(layer.lora_B[adapter].weight).detach().double().pow(2).sum(0)
+        weight_a, weight_b = layer.slot_weights(adapter)
+        rows = weight_a.detach().double().pow(2).sum(1)
+        columns = weight_b.detach().double().pow(2).sum(0)
         scale = float(layer.scaling[adapter]) ** 2
         sizes.update({(name, slot): scale * float(rows[slot] * columns[slot]) for slot in chosen})
     return sizes

@@ -70,15 +70,16 @@ def slot_checks(allocator, optimizer, record) -> list[dict]:
     checks = []
     for module, slot in record["grown_slots"]:
         layer = allocator.layers[module]
-        weight_a, weight_b = layer.lora_A[allocator.adapter].weight, layer.lora_B[allocator.adapter].weight
+        weight_a, weight_b, index = layer.slot_parameters(allocator.adapter, slot)  # the bank holding the slot
         moments = [moment(optimizer, p, key) for p in (weight_a, weight_b) for key in ("exp_avg", "exp_avg_sq")]
         checks.append({
             "slot": [module, slot],
-            "b_column_zero": bool((full(weight_b)[:, slot] == 0).all()) and bool((master(weight_b)[:, slot] == 0).all()),
-            "a_row_is_master": bool(torch.equal(full(weight_a).detach()[slot].float(), master(weight_a)[slot])),
-            "a_row_norm": float(full(weight_a).detach()[slot].norm()),
-            "moments_zero": all(bool((m[slot] == 0).all()) for m in moments[:2])
-            and all(bool((m[:, slot] == 0).all()) for m in moments[2:]),
+            "b_column_zero": bool((full(weight_b)[:, index] == 0).all())
+            and bool((master(weight_b)[:, index] == 0).all()),
+            "a_row_is_master": bool(torch.equal(full(weight_a).detach()[index].float(), master(weight_a)[index])),
+            "a_row_norm": float(full(weight_a).detach()[index].norm()),
+            "moments_zero": all(bool((m[index] == 0).all()) for m in moments[:2])
+            and all(bool((m[:, index] == 0).all()) for m in moments[2:]),
         })
     return checks
 
