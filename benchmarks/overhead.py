@@ -4,7 +4,11 @@
    adapter and compute in fp32, as PEFT and the plain Trainer train it, once in bf16, as TRL's
    SFTTrainer trains QLoRA): a random
    Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
-   its default capacity (max_r = 2r slots, r active) vs LoRA at r. Step times: one process holds
+   its default capacity (max_r = 2r slots, r active) vs LoRA at r. ALoRA is measured in the state a
+   run at the default schedule can reach at most after its rounds: a rank grown into the spare bank
+   of 8 rounds x 7 modules (all 14 of the hidden-1024 model, 56 of SmolLM2's 210); a spare bank
+   in use costs gradients and moments, one left alone its weights only (``--spare-banks``,
+   peft_alora.layers). Step times: one process holds
    both models and alternates their steps, so both see the same load on a shared machine; the
    ratio is the median over step pairs. Memory: a fresh process per method (so the peak resident
    memory is that method's alone), ALoRA and LoRA alternating, several repetitions, medians.
@@ -80,7 +84,16 @@ def wide_llama(path: str, hidden: int, layers: int) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def _trainable(path: str, precision: str, method: str, r: int):
+def spare_banks_in_use(modules: int, module_types: int = 7) -> int:
+    """The most modules whose spare bank a run at the default schedule brings into use: every rank grown
+    in its rounds (``allocation_rounds`` x one per module type) in a module of its own that has not lost
+    a rank before, so that it lands in the spare bank (peft_alora.layers)."""
+    from peft_alora import ALoRAConfig
+
+    return min(modules, ALoRAConfig(target_modules="all-linear").allocation_rounds * module_types)
+
+
+def _trainable(path: str, precision: str, method: str, r: int, spare_banks: str = "bound"):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -93,6 +106,14 @@ def _trainable(path: str, precision: str, method: str, r: int):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant),
                            adapter_config(method, r))
+    if method == "alora" and spare_banks != "none":
+        # "bound": the state of a run after its rounds, at its most: one rank grown into the spare bank of as many
+        # modules as the default schedule can reach; "all": every module; "none": before any round (the spare
+        # banks then cost their weights only)
+        layers = sorted(model.base_model.gated_layers(), key=lambda item: item[0])
+        grown = len(layers) if spare_banks == "all" else spare_banks_in_use(len(layers))
+        for _, layer in layers[:grown]:
+            layer.activate_slot("default", layer.r_init["default"], generator=torch.Generator().manual_seed(0))
     if precision == "4bit_bf16":
         # what TRL's SFTTrainer does to the adapter of a quantized model (QLoRA): its trainable tensors in bf16
         for param in model.parameters():
@@ -119,7 +140,7 @@ def step_worker(setup: str, path: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r) for m in ("lora", "alora")}
+    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r, args.spare_banks) for m in ("lora", "alora")}
     ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     times = {"lora": [], "alora": []}
     for i in range(args.warmup + args.steps):
@@ -175,7 +196,7 @@ def memory_worker(method: str, setup: str, path: str, args) -> dict:
     torch.set_num_threads(args.threads)
     rss_libraries = peak_rss_mib()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r)
+        step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r, args.spare_banks)
         ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
         tensors = [*step.model.parameters(), *step.model.buffers()]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -249,7 +270,8 @@ def _worker_command(kind: str, fields, args) -> list:
     return [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
             "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
-            "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0)]
+            "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0),
+            "--spare-banks", args.spare_banks]
 
 
 def _worker_result(kind: str, fields, returncode: int, stdout: str, stderr: str) -> dict:
@@ -324,6 +346,9 @@ def main(argv=None):
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each LoRA/ALoRA recipe pair at the same time, one process per core")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spare-banks", choices=["bound", "none", "all"], default="bound",
+                        help="ALoRA's spare banks in use in the step and memory workers: as many as a default run can "
+                             "grow into (bound), none (before any round) or all")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/overhead[_quick].json")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(RESULTS, "overhead_quick.json" if args.quick else "overhead.json")

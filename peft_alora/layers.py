@@ -3,13 +3,14 @@
     h = W0 x + s * B diag(g) A x,        s = lora_alpha / r_init (fixed)
 
 The slots sit in two banks: slots ``0 .. r_init-1`` in PEFT's own ``lora_A`` / ``lora_B``, the
-spare slots ``r_init .. max_r-1`` in ``lora_A_spare`` / ``lora_B_spare``. In one process the
-forward leaves the spare bank out until one of its slots is first grown, so its parameters get
-no gradient and AdamW keeps no moments for them (docs/benchmarks.md, "two-bank layout"); from
-then on it always takes part. Under ``torch.distributed`` it always takes part, as DDP's default,
-FSDP and ZeRO-3 expect of every parameter. Spare slots hold zeros until grown, so both ways train
-the same (``optim_state.start_bank_state`` gives a bank the optimizer state it would have had).
-Slot numbers run over both banks; ``slot_weights`` and ``slot_parameters`` map them.
+spare slots ``r_init .. max_r-1`` in ``lora_A_spare`` / ``lora_B_spare``. Until a slot of the spare
+bank is first grown, the forward is a plain rank-r LoRA: in one process the spare bank is left
+out, so it gets no gradient and AdamW keeps no moments for it (docs/benchmarks.md, "The two-bank
+layout"); under ``torch.distributed`` it adds exact zeros, since DDP's default, FSDP and ZeRO-3
+expect every parameter in every step. From its first grown slot on, both banks run as one matmul
+(``JoinedLinear``), as the one-bank layout did. Spare slots hold zeros until grown, so both ways
+train the same (``optim_state.start_bank_state`` gives a joining bank the optimizer state it would
+have had). Slot numbers run over both banks; ``slot_weights`` and ``slot_parameters`` map them.
 
 The gate lives in ``lora_gate[adapter]`` (fp32 buffer, saved with the adapter). Everything else
 (forward plumbing, dtype casts, merge/unmerge of plain, 4-bit and 8-bit weights, disable,
@@ -68,13 +69,57 @@ class GatedVariant(LoraVariant):
             # QLoRA module write and read its input twice more
             x = module._cast_input_dtype(x, lora_A.weight.dtype)
         x = dropout(x)
+        scaling = module.scaling[active_adapter]
+        # both banks as one LoRA of max_r slots; not under ZeRO-3, which gathers a weight only for its own module's
+        # forward and backward (there each bank runs as its module, as below)
+        if module.spare_used(active_adapter) and not hasattr(lora_A.weight, "ds_id"):
+            weight_a = (lora_A.weight, module.lora_A_spare[active_adapter].weight)
+            weight_b = (lora_B.weight, module.lora_B_spare[active_adapter].weight)
+            hidden = JoinedLinear.apply(x, *weight_a, 0)
+            gate = module.lora_gate[active_adapter].to(hidden.dtype)
+            return result + JoinedLinear.apply(hidden * gate, *weight_b, 1) * scaling
         hidden = lora_A(x)
         gate = module.lora_gate[active_adapter].to(hidden.dtype)
-        main = hidden.shape[-1]
-        out = lora_B(hidden * gate[:main])
-        if module.spare_in_forward(active_adapter):
-            out = out + module.lora_B_spare[active_adapter](module.lora_A_spare[active_adapter](x) * gate[main:])
-        return result + out * module.scaling[active_adapter]
+        out = lora_B(hidden * gate[: hidden.shape[-1]])
+        if active_adapter in module.lora_A_spare and (_several_processes() or module.spare_used(active_adapter)):
+            # ZeRO-3 with the spare bank in use; or an unused spare bank (all zero), which adds exact zeros and is
+            # only there so that DDP, FSDP and ZeRO-3 see every parameter in every step
+            spare = module.lora_A_spare[active_adapter](x) * gate[hidden.shape[-1]:]
+            out = out + module.lora_B_spare[active_adapter](spare)
+        return result + out * scaling
+
+
+class JoinedLinear(torch.autograd.Function):
+    """``F.linear(x, torch.cat([w1, w2], dim))`` that keeps ``w1`` and ``w2`` for the backward, not their joined copy.
+
+    One matmul over both banks costs what the one-bank layout's did (two smaller ones cost more on a CPU),
+    and rounds the same under autocast. The backward computes in the dtype the forward's matmul ran in
+    (autocast's), as autocast's own linear does, and returns each bank's share of the weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, dim):
+        out = torch.nn.functional.linear(x, torch.cat([w1, w2], dim=dim))
+        ctx.save_for_backward(x, w1, w2)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2 = ctx.saved_tensors
+        dtype = grad_out.dtype
+        grad_x = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ torch.cat([w1, w2], dim=ctx.dim).to(dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_w1, grad_w2 = grad_w.split([w1.shape[ctx.dim], w2.shape[ctx.dim]], dim=ctx.dim)
+            grad_w1, grad_w2 = grad_w1.to(w1.dtype), grad_w2.to(w2.dtype)
+        return grad_x, grad_w1, grad_w2, None
+
+
+def _several_processes() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _version_of(tensor: torch.Tensor) -> Optional[int]:
@@ -86,7 +131,7 @@ def _version_of(tensor: torch.Tensor) -> Optional[int]:
 
 
 def _spare_used(spare_gates: torch.Tensor, spare_a: torch.Tensor) -> bool:
-    """Whether a spare bank has been grown into: a slot is on, or an A row is not zero (see spare_in_forward)."""
+    """Whether a spare bank has been grown into: a slot is on, or an A row is not zero (see GatedLoraMixin.spare_used)."""
     return bool((spare_gates != 0).any()) or bool((spare_a != 0).any())
 
 
@@ -266,9 +311,9 @@ class GatedLoraMixin:
     def capacity(self, adapter: str) -> int:
         return self.lora_gate[adapter].numel()
 
-    def spare_in_forward(self, adapter: str) -> bool:
-        """Whether the forward runs the spare bank: under ``torch.distributed`` always; else once a slot of it has
-        been grown (it then stays in, like a bank under several processes, pruned slots included).
+    def spare_used(self, adapter: str) -> bool:
+        """Whether a slot of the spare bank has been grown (the bank then stays in the forward, pruned slots
+        included). Before that, in one process, the forward leaves it out.
 
         A bank that was ever grown into has a nonzero A row (a grown slot's A row is drawn fresh and
         only decays afterwards), so the weights themselves record it, in checkpoints too. The flag is
@@ -277,8 +322,6 @@ class GatedLoraMixin:
         """
         if adapter not in self.lora_A_spare:
             return False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return True
         if not self.spare_in_use[adapter]:
             gate, spare_a = self.lora_gate[adapter], self.lora_A_spare[adapter].weight
             seen = self._spare_seen.get(adapter)

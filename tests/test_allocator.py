@@ -171,6 +171,44 @@ def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
     assert checked >= 2 * len(record["grown_slots"])
 
 
+OPTIMIZERS = {
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+    "adamw-fused": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True),
+    "sgd-momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01),
+    "bnb-adamw32bit": lambda params, lr: bnb.optim.AdamW(params, lr=lr, weight_decay=0.01, optim_bits=32),
+    "bnb-adamw8bit": lambda params, lr: bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.01, min_8bit_size=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_spare_banks_left_out_until_grown_train_as_if_always_in(name, monkeypatch):
+    """One process leaves a spare bank out of the forward (no gradient, no moments) until a round grows a rank
+    there; several processes keep every bank in. Both must train the same: rounds, losses and every weight."""
+    runs = []
+    for always_in in (True, False):
+        # what every process does under torch.distributed
+        monkeypatch.setattr(peft_alora.layers, "_several_processes", lambda: always_in)
+        model, allocator, optimizer, ids = _setup(optimizer_cls=OPTIMIZERS[name])
+        layers = dict(model.base_model.gated_layers())
+        losses, history = [], []
+        for step in range(1, 9):
+            losses.append(_train_step(model, optimizer, ids))
+            record = allocator.step(step, optimizer)
+            if record is not None:
+                history.append((record["pruned"], record["grown_slots"]))
+        spare_state = sum(bool(optimizer.state.get(layer.lora_A_spare["default"].weight)) for layer in layers.values())
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((losses, history, weights, spare_state, len(layers)))
+    (losses_in, history_in, weights_in, state_in, modules), (losses, history, weights, state, _) = runs
+    grown_spare = {m for _, grown in history for m, slot in grown if slot >= 2}
+    assert grown_spare and len(grown_spare) < modules  # some spare banks joined, some never did
+    assert state_in == modules and state == len(grown_spare)  # moments kept only for banks in use
+    assert history == history_in
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_in), rtol=0, atol=1e-6)
+    for key, value in weights_in.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 class _Cfg:
     def __init__(self, **kw):
         self.__dict__.update(dict(allocation_start=0.3, allocation_end=0.9, allocation_interval=None,

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 import peft_alora
-from peft_alora.layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt
+from peft_alora.layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, JoinedLinear
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -396,6 +396,28 @@ def test_a_seed_gives_the_adapter_that_one_bank_of_max_r_slots_gave(init):
         assert torch.equal(layer.lora_A["default"].weight, reference.lora_A["default"].weight[:4]), name
         assert torch.equal(layer.lora_B["default"].weight, reference.lora_B["default"].weight[:, :4]), name
         assert not layer.lora_A_spare["default"].weight.any() and not layer.lora_B_spare["default"].weight.any()
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_joined_linear_is_a_linear_over_both_banks(dim):
+    """Same values and gradients as F.linear over the concatenated weight: exactly under CPU bf16 autocast (as the
+    one-bank layout computed), and by gradcheck in float64."""
+    shapes = [(3, 5), (2, 5)] if dim == 0 else [(5, 3), (5, 2)]  # A banks (rows) or B banks (columns)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, generator=generator)
+    weights = [torch.randn(*shape, generator=generator) for shape in shapes]
+    assert torch.autograd.gradcheck(lambda a, b, c: JoinedLinear.apply(a, b, c, dim),
+                                    (x.double().requires_grad_(), *(w.double().requires_grad_() for w in weights)))
+    results = []
+    for joined in (True, False):
+        inputs = [x.clone().requires_grad_(), *(w.clone().requires_grad_() for w in weights)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = JoinedLinear.apply(*inputs, dim) if joined else \
+                torch.nn.functional.linear(inputs[0], torch.cat(inputs[1:], dim=dim))
+        out.float().pow(2).sum().backward()
+        results.append([out, *(t.grad for t in inputs)])
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
 def test_gaussian_init_of_fresh_ranks(build):
