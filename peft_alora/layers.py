@@ -152,7 +152,7 @@ class GatedLoraMixin:
     adapter_layer_names = LoraLayer.adapter_layer_names + SPARE_NAMES
     # per-adapter state besides LoRA's own; listed so that PEFT's delete_adapter removes it too
     other_param_names = LoraLayer.other_param_names + ("lora_gate", "lora_scale", "r_init", "init_lora_weights",
-                                                       "spare_in_use")
+                                                       "spare_in_use", "_spare_seen")
 
     def resolve_lora_variant(self, *, config, **kwargs) -> Optional[LoraVariant]:
         return GatedVariant()

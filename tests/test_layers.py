@@ -336,6 +336,8 @@ def test_two_adapters_switch_and_delete(build, kind):
     for _, layer in model.base_model.gated_layers("second"):
         assert "default" not in layer.lora_gate and "default" not in layer.r_init
         assert "default" not in layer.init_lora_weights
+        # nothing of the deleted adapter is kept alive (the spare-bank bookkeeping holds its tensors)
+        assert "default" not in layer.spare_in_use and "default" not in layer._spare_seen
     torch.testing.assert_close(logits_of(model, x), second, rtol=0, atol=1e-6)
 
 
