@@ -70,9 +70,10 @@ class GatedVariant(LoraVariant):
             x = module._cast_input_dtype(x, lora_A.weight.dtype)
         x = dropout(x)
         scaling = module.scaling[active_adapter]
+        spare_used = module.spare_used(active_adapter)
         # both banks as one LoRA of max_r slots; not under ZeRO-3, which gathers a weight only for its own module's
         # forward and backward (there each bank runs as its module, as below)
-        if module.spare_used(active_adapter) and not hasattr(lora_A.weight, "ds_id"):
+        if spare_used and not hasattr(lora_A.weight, "ds_id"):
             weight_a = (lora_A.weight, module.lora_A_spare[active_adapter].weight)
             weight_b = (lora_B.weight, module.lora_B_spare[active_adapter].weight)
             hidden = JoinedLinear.apply(x, *weight_a, 0)
@@ -81,7 +82,7 @@ class GatedVariant(LoraVariant):
         hidden = lora_A(x)
         gate = module.lora_gate[active_adapter].to(hidden.dtype)
         out = lora_B(hidden * gate[: hidden.shape[-1]])
-        if active_adapter in module.lora_A_spare and (_several_processes() or module.spare_used(active_adapter)):
+        if spare_used or (active_adapter in module.lora_A_spare and _several_processes()):
             # ZeRO-3 with the spare bank in use; or an unused spare bank (all zero), which adds exact zeros and is
             # only there so that DDP, FSDP and ZeRO-3 see every parameter in every step
             spare = module.lora_A_spare[active_adapter](x) * gate[hidden.shape[-1]:]
@@ -347,7 +348,6 @@ class GatedLoraMixin:
         if slot < main:
             return self.lora_A[adapter].weight, self.lora_B[adapter].weight, slot
         return self.lora_A_spare[adapter].weight, self.lora_B_spare[adapter].weight, slot - main
-
 
     def active_slots(self, adapter: str) -> list[int]:
         return torch.nonzero(self.lora_gate[adapter] > 0).flatten().tolist()

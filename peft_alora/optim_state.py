@@ -83,7 +83,7 @@ def start_bank_state(optimizer, param: torch.nn.Parameter, like: torch.nn.Parame
         return True
     made = {}
     for key, value in reference.items():
-        if not isinstance(value, torch.Tensor) or value.numel() <= 1 and value.shape != like.shape:
+        if not isinstance(value, torch.Tensor) or (value.numel() <= 1 and value.shape != like.shape):
             made[key] = value.clone() if isinstance(value, torch.Tensor) else value
         elif value.shape == like.shape:
             made[key] = torch.zeros(param.shape, dtype=value.dtype, device=value.device)

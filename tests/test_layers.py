@@ -56,23 +56,16 @@ def _weights(layer, adapter="default"):
     return (*layer.slot_weights(adapter), layer.lora_gate[adapter])
 
 
-def _slot_grads(layer, adapter="default"):
-    """Gradients of A and B of every slot; a bank without a gradient (left out of the forward) reads as None."""
+def _banks(layer, adapter="default"):
+    """(A, B) parameters of the main bank, then of the spare bank."""
     banks = [(layer.lora_A, layer.lora_B), (layer.lora_A_spare, layer.lora_B_spare)]
-    return [[bank[adapter].weight.grad for bank in pair] for pair in banks if adapter in pair[0]]
+    return [(pair[0][adapter].weight, pair[1][adapter].weight) for pair in banks if adapter in pair[0]]
 
 
 def _joined_grads(layer, adapter="default"):
-    grads_a, grads_b = [], []
-    for (grad_a, grad_b), (weight_a, weight_b) in zip(_slot_grads(layer, adapter), _banks(layer, adapter)):
-        grads_a.append(grad_a if grad_a is not None else torch.zeros_like(weight_a))
-        grads_b.append(grad_b if grad_b is not None else torch.zeros_like(weight_b))
-    return torch.cat(grads_a), torch.cat(grads_b, dim=1)
-
-
-def _banks(layer, adapter="default"):
-    banks = [(layer.lora_A, layer.lora_B), (layer.lora_A_spare, layer.lora_B_spare)]
-    return [(pair[0][adapter].weight, pair[1][adapter].weight) for pair in banks if adapter in pair[0]]
+    """Gradients of A and B of every slot; a bank without a gradient (left out of the forward) reads as zeros."""
+    grads = [[w.grad if w.grad is not None else torch.zeros_like(w) for w in bank] for bank in _banks(layer, adapter)]
+    return torch.cat([a for a, _ in grads]), torch.cat([b for _, b in grads], dim=1)
 
 
 # ---- the gated forward ------------------------------------------------------------------------
@@ -130,8 +123,8 @@ def test_inactive_slots_get_exactly_zero_gradient(build, kind):
         if on.any():
             assert grad_a[on].abs().sum() > 0 and grad_b[:, on].abs().sum() > 0, name
         # one process: a spare bank without an active slot stays out of the forward, so it has no gradient at all
-        spare = _slot_grads(layer)[1]
-        assert (spare[0] is None and spare[1] is None) == (not bool(on[layer.r_init["default"]:].any())), name
+        spare = _banks(layer)[1]
+        assert (spare[0].grad is None and spare[1].grad is None) == (not bool(on[layer.r_init["default"]:].any())), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
