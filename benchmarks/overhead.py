@@ -5,10 +5,9 @@
    SFTTrainer trains QLoRA): a random
    Llama with hidden size 1024 (few layers, so LoRA is a realistic share of the compute), ALoRA at
    its default capacity (max_r = 2r slots, r active) vs LoRA at r. ALoRA is measured in the state a
-   run at the default schedule can reach at most after its rounds: a rank grown into the spare bank
-   of 8 rounds x 7 modules (all 14 of the hidden-1024 model, 56 of SmolLM2's 210); a spare bank
-   in use costs gradients and moments, one left alone its weights only (``--spare-banks``,
-   peft_alora.layers). Step times: one process holds
+   run at the default schedule can reach at most after its rounds: every rank its 8 rounds x 7 grow
+   in a spare slot, in the widest modules (a spare slot in use costs its gradients and moments, one
+   never grown its weights only; ``--spare-slots``, peft_alora.layers). Step times: one process holds
    both models and alternates their steps, so both see the same load on a shared machine; the
    ratio is the median over step pairs. Memory: a fresh process per method (so the peak resident
    memory is that method's alone), ALoRA and LoRA alternating, several repetitions, medians.
@@ -84,16 +83,22 @@ def wide_llama(path: str, hidden: int, layers: int) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def spare_banks_in_use(modules: int, module_types: int = 7) -> int:
-    """The most modules whose spare bank a run at the default schedule brings into use: every rank grown
-    in its rounds (``allocation_rounds`` x one per module type) in a module of its own that has not lost
-    a rank before, so that it lands in the spare bank (peft_alora.layers)."""
+def spare_slots_in_use(layers, module_types: int = 7) -> dict:
+    """The spare slots a run at the default schedule can have in use at most, where they cost the most memory:
+    every rank grown in its rounds (``allocation_rounds`` x one per module type) in a spare slot (so in a module
+    that has lost no rank before, peft_alora.layers), the widest modules' slots first. ``layers``: (name, gated
+    layer) pairs; returns {name: spare slots in use}."""
     from peft_alora import ALoRAConfig
 
-    return min(modules, ALoRAConfig(target_modules="all-linear").allocation_rounds * module_types)
+    left = ALoRAConfig(target_modules="all-linear").allocation_rounds * module_types
+    counts = {}
+    for name, layer in sorted(layers, key=lambda item: (-(item[1].in_features + item[1].out_features), item[0])):
+        counts[name] = min(left, layer.capacity("default") - layer.r_init["default"])
+        left -= counts[name]
+    return {name: count for name, count in counts.items() if count > 0}
 
 
-def _trainable(path: str, precision: str, method: str, r: int, spare_banks: str = "bound"):
+def _trainable(path: str, precision: str, method: str, r: int, spare_slots: str = "bound"):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -106,14 +111,15 @@ def _trainable(path: str, precision: str, method: str, r: int, spare_banks: str 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant),
                            adapter_config(method, r))
-    if method == "alora" and spare_banks != "none":
-        # "bound": the state of a run after its rounds, at its most: one rank grown into the spare bank of as many
-        # modules as the default schedule can reach; "all": every module; "none": before any round (the spare
-        # banks then cost their weights only)
-        layers = sorted(model.base_model.gated_layers(), key=lambda item: item[0])
-        grown = len(layers) if spare_banks == "all" else spare_banks_in_use(len(layers))
-        for _, layer in layers[:grown]:
-            layer.activate_slot("default", layer.r_init["default"], generator=torch.Generator().manual_seed(0))
+    if method == "alora" and spare_slots != "none":
+        # "bound": the state of a run after its rounds, at its most (spare_slots_in_use); "all": every spare slot;
+        # "none": before any round (the spare slots then cost their weights only)
+        layers = dict(model.base_model.gated_layers())
+        counts = {name: layer.capacity("default") - layer.r_init["default"] for name, layer in layers.items()} \
+            if spare_slots == "all" else spare_slots_in_use(layers.items())
+        for name, count in counts.items():
+            for slot in range(layers[name].r_init["default"], layers[name].r_init["default"] + count):
+                layers[name].activate_slot("default", slot, generator=torch.Generator().manual_seed(0))
     if precision == "4bit_bf16":
         # what TRL's SFTTrainer does to the adapter of a quantized model (QLoRA): its trainable tensors in bf16
         for param in model.parameters():
@@ -140,7 +146,7 @@ def step_worker(setup: str, path: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r, args.spare_banks) for m in ("lora", "alora")}
+    steps = {m: _trainable(path, setup.rsplit("-", 1)[-1], m, args.r, args.spare_slots) for m in ("lora", "alora")}
     ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     times = {"lora": [], "alora": []}
     for i in range(args.warmup + args.steps):
@@ -196,7 +202,7 @@ def memory_worker(method: str, setup: str, path: str, args) -> dict:
     torch.set_num_threads(args.threads)
     rss_libraries = peak_rss_mib()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r, args.spare_banks)
+        step = _trainable(path, setup.rsplit("-", 1)[-1], method, args.r, args.spare_slots)
         ids = torch.randint(0, 2048, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
         tensors = [*step.model.parameters(), *step.model.buffers()]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -271,7 +277,7 @@ def _worker_command(kind: str, fields, args) -> list:
             "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
             "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0),
-            "--spare-banks", args.spare_banks]
+            "--spare-slots", args.spare_slots]
 
 
 def _worker_result(kind: str, fields, returncode: int, stdout: str, stderr: str) -> dict:
@@ -346,9 +352,9 @@ def main(argv=None):
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each LoRA/ALoRA recipe pair at the same time, one process per core")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--spare-banks", choices=["bound", "none", "all"], default="bound",
-                        help="ALoRA's spare banks in use in the step and memory workers: as many as a default run can "
-                             "grow into (bound), none (before any round) or all")
+    parser.add_argument("--spare-slots", choices=["bound", "none", "all"], default="bound",
+                        help="ALoRA's spare slots in use in the step and memory workers: as many as a default run can "
+                             "grow, in the widest modules (bound), none (before any round) or all")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/overhead[_quick].json")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(RESULTS, "overhead_quick.json" if args.quick else "overhead.json")

@@ -57,10 +57,10 @@ def compact_lora_state_dict(model, adapter_name: str = "default") -> tuple[dict[
         active = torch.nonzero(state[gate_key] > 0).flatten()
         a_key, b_key = f"{module_key}.lora_A.weight", f"{module_key}.lora_B.weight"
         weight_a, weight_b = out.pop(a_key), out.pop(b_key)
-        spare_a = out.pop(f"{module_key}.lora_A_spare.weight", None)
-        spare_b = out.pop(f"{module_key}.lora_B_spare.weight", None)
-        if spare_a is not None:  # slot numbers run over both banks (layers.py)
-            weight_a, weight_b = torch.cat([weight_a, spare_a]), torch.cat([weight_b, spare_b], dim=1)
+        spare = range(layer.capacity(adapter_name) - layer.r_init[adapter_name])
+        spare_a = [out.pop(f"{module_key}.lora_A_spare.{index}") for index in spare]  # slot numbers run over both
+        spare_b = [out.pop(f"{module_key}.lora_B_spare.{index}") for index in spare]  # banks (layers.py)
+        weight_a, weight_b = torch.cat([weight_a, *spare_a]), torch.cat([weight_b, *spare_b], dim=1)
         name = module_key.removeprefix(PEFT_MODEL_PREFIX)
         ranks[name] = int(active.numel())
         if active.numel() == 0:

@@ -3,14 +3,17 @@
     h = W0 x + s * B diag(g) A x,        s = lora_alpha / r_init (fixed)
 
 The slots sit in two banks: slots ``0 .. r_init-1`` in PEFT's own ``lora_A`` / ``lora_B``, the
-spare slots ``r_init .. max_r-1`` in ``lora_A_spare`` / ``lora_B_spare``. Until a slot of the spare
-bank is first grown, the forward is a plain rank-r LoRA: in one process the spare bank is left
-out, so it gets no gradient and AdamW keeps no moments for it (docs/benchmarks.md, "The two-bank
-layout"); under ``torch.distributed`` it adds exact zeros, since DDP's default, FSDP and ZeRO-3
-expect every parameter in every step. From its first grown slot on, both banks run as one matmul
-(``JoinedLinear``), as the one-bank layout did. Spare slots hold zeros until grown, so both ways
-train the same (``optim_state.start_bank_state`` gives a joining bank the optimizer state it would
-have had). Slot numbers run over both banks; ``slot_weights`` and ``slot_parameters`` map them.
+spare slots ``r_init .. max_r-1`` in ``lora_A_spare`` / ``lora_B_spare``, one parameter per slot
+(``SpareSlots``: an A row, a B column). Rounds grow into the lowest free slot, so the spare slots
+ever grown are the first ``spare_slots_used`` of them. In one process the forward leaves the others
+out: a spare slot gets no gradient and AdamW keeps no moments for it until a round grows it
+(docs/benchmarks.md, "Spare slots, one parameter each"); until then the module is a plain rank-r
+LoRA. Under ``torch.distributed`` every spare slot takes part and adds exact zeros while unused,
+since DDP's default, FSDP and ZeRO-3 expect every parameter in every step. The slots in the forward
+run as one matmul (``JoinedLinear``), as the one-bank layout did. Spare slots hold zeros until
+grown, so both ways train the same (``optim_state.start_bank_state`` gives a joining slot the
+optimizer state it would have had). Slot numbers run over both banks; ``slot_weights`` and
+``slot_parameters`` map them.
 
 The gate lives in ``lora_gate[adapter]`` (fp32 buffer, saved with the adapter). Everything else
 (forward plumbing, dtype casts, merge/unmerge of plain, 4-bit and 8-bit weights, disable,
@@ -70,53 +73,88 @@ class GatedVariant(LoraVariant):
             x = module._cast_input_dtype(x, lora_A.weight.dtype)
         x = dropout(x)
         scaling = module.scaling[active_adapter]
-        spare_used = module.spare_used(active_adapter)
-        # both banks as one LoRA of max_r slots; not under ZeRO-3, which gathers a weight only for its own module's
-        # forward and backward (there each bank runs as its module, as below)
-        if spare_used and not hasattr(lora_A.weight, "ds_id"):
-            weight_a = (lora_A.weight, module.lora_A_spare[active_adapter].weight)
-            weight_b = (lora_B.weight, module.lora_B_spare[active_adapter].weight)
-            hidden = JoinedLinear.apply(x, *weight_a, 0)
-            gate = module.lora_gate[active_adapter].to(hidden.dtype)
-            return result + JoinedLinear.apply(hidden * gate, *weight_b, 1) * scaling
-        hidden = lora_A(x)
-        gate = module.lora_gate[active_adapter].to(hidden.dtype)
-        out = lora_B(hidden * gate[: hidden.shape[-1]])
-        if spare_used or (active_adapter in module.lora_A_spare and _several_processes()):
-            # ZeRO-3 with the spare bank in use; or an unused spare bank (all zero), which adds exact zeros and is
-            # only there so that DDP, FSDP and ZeRO-3 see every parameter in every step
-            spare = module.lora_A_spare[active_adapter](x) * gate[hidden.shape[-1]:]
-            out = out + module.lora_B_spare[active_adapter](spare)
+        gate = module.lora_gate[active_adapter]
+        used = module.spare_slots_used(active_adapter)
+        zero3 = hasattr(lora_A.weight, "ds_id")  # ZeRO-3 gathers a weight only for its own module's forward/backward
+        if used and not zero3:  # the main bank and the spare slots in use, as one LoRA
+            spare_a, spare_b = module.lora_A_spare[active_adapter], module.lora_B_spare[active_adapter]
+            hidden = JoinedLinear.apply(x, 0, lora_A.weight, *spare_a.slots(used))
+            out = JoinedLinear.apply(hidden * gate[: hidden.shape[-1]].to(hidden.dtype), 1, lora_B.weight,
+                                     *spare_b.slots(used))
+        else:
+            hidden = lora_A(x)
+            out = lora_B(hidden * gate[: hidden.shape[-1]].to(hidden.dtype))
+        if active_adapter in module.lora_A_spare and _several_processes():
+            # DDP, FSDP and ZeRO-3 expect every parameter in every step: the spare slots not yet in the forward take
+            # part too, apart, adding exact zeros (so that the slots in use compute as in one process)
+            spare_a, spare_b = module.lora_A_spare[active_adapter], module.lora_B_spare[active_adapter]
+            if zero3:  # every spare slot, through its module
+                out = out + spare_b(spare_a(x) * gate[module.r_init[active_adapter]:].to(out.dtype))
+            elif used < len(spare_a):
+                rest = JoinedLinear.apply(x, 0, *spare_a.slots()[used:])
+                rest = rest * gate[gate.numel() - rest.shape[-1]:].to(rest.dtype)
+                out = out + JoinedLinear.apply(rest, 1, *spare_b.slots()[used:])
         return result + out * scaling
 
 
 class JoinedLinear(torch.autograd.Function):
-    """``F.linear(x, torch.cat([w1, w2], dim))`` that keeps ``w1`` and ``w2`` for the backward, not their joined copy.
+    """``F.linear(x, torch.cat(weights, dim))`` that keeps the weights for the backward, not their joined copy.
 
-    One matmul over both banks costs what the one-bank layout's did (two smaller ones cost more on a CPU),
-    and rounds the same under autocast. The backward computes in the dtype the forward's matmul ran in
-    (autocast's), as autocast's own linear does, and returns each bank's share of the weight gradient.
+    One matmul over the main bank and the spare slots in use costs what the one-bank layout's did (several
+    smaller ones cost more on a CPU), and rounds the same under autocast. The backward computes in the dtype
+    the forward's matmul ran in (autocast's), as autocast's own linear does, and returns each weight's share
+    of the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, dim):
-        out = torch.nn.functional.linear(x, torch.cat([w1, w2], dim=dim))
-        ctx.save_for_backward(x, w1, w2)
+    def forward(ctx, x, dim, *weights):
+        out = torch.nn.functional.linear(x, torch.cat(weights, dim=dim))
+        ctx.save_for_backward(x, *weights)
         ctx.dim = dim
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, w2 = ctx.saved_tensors
+        x, *weights = ctx.saved_tensors
         dtype = grad_out.dtype
-        grad_x = grad_w1 = grad_w2 = None
+        grad_x, grad_weights = None, [None] * len(weights)
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ torch.cat([w1, w2], dim=ctx.dim).to(dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_x = (grad_out @ torch.cat(weights, dim=ctx.dim).to(dtype)).to(x.dtype)
+        if any(ctx.needs_input_grad[2:]):
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
-            grad_w1, grad_w2 = grad_w.split([w1.shape[ctx.dim], w2.shape[ctx.dim]], dim=ctx.dim)
-            grad_w1, grad_w2 = grad_w1.to(w1.dtype), grad_w2.to(w2.dtype)
-        return grad_x, grad_w1, grad_w2, None
+            pieces = grad_w.split([w.shape[ctx.dim] for w in weights], dim=ctx.dim)
+            grad_weights = [piece.to(w.dtype) for piece, w in zip(pieces, weights)]
+        return grad_x, None, *grad_weights
+
+
+class SpareSlots(torch.nn.Module):
+    """The spare slots of one bank, one parameter each: A rows (1 x in, ``dim=0``) or B columns (out x 1,
+    ``dim=1``), saved as ``<bank>.<adapter>.<slot>``. One parameter per slot, so that a slot a round never grew
+    has no gradient and no optimizer state. Called as a module (ZeRO-3 gathers its parameters around that),
+    it applies all its slots joined."""
+
+    def __init__(self, count: int, shape: tuple[int, int], dim: int, like: torch.nn.Parameter):
+        super().__init__()
+        self.dim = dim
+        device = "meta" if like.device.type == "meta" else like.device  # low_cpu_mem_usage: PEFT builds on meta
+        for index in range(count):
+            slot = torch.zeros(shape, dtype=like.dtype, device=device)
+            self.register_parameter(str(index), torch.nn.Parameter(slot, requires_grad=like.requires_grad))
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __getitem__(self, index: int) -> torch.nn.Parameter:
+        return self._parameters[str(index)]
+
+    def slots(self, count: Optional[int] = None) -> list[torch.nn.Parameter]:
+        return [self[index] for index in range(len(self) if count is None else count)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, torch.cat(self.slots(), dim=self.dim))
+
+    def extra_repr(self) -> str:
+        return f"{len(self)} slots of {tuple(self[0].shape)}" if len(self) else "no slots"
 
 
 def _several_processes() -> bool:
@@ -131,9 +169,14 @@ def _version_of(tensor: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _spare_used(spare_gates: torch.Tensor, spare_a: torch.Tensor) -> bool:
-    """Whether a spare bank has been grown into: a slot is on, or an A row is not zero (see GatedLoraMixin.spare_used)."""
-    return bool((spare_gates != 0).any()) or bool((spare_a != 0).any())
+def _slots_used(spare_gates: torch.Tensor, spare_rows) -> int:
+    """How many spare slots, counted from the first, reach the last one ever grown: a slot that is on, or whose A
+    row is not zero (see GatedLoraMixin.spare_slots_used). ``spare_rows``: the A row of each slot, or None."""
+    for index in reversed(range(len(spare_rows))):
+        row = spare_rows[index]
+        if bool(spare_gates[index] != 0) or (row is not None and bool((row != 0).any())):
+            return index + 1
+    return 0
 
 
 def fresh_a_row(in_features: int, init_lora_weights, r_init: int, generator=None, device=None, dtype=None):
@@ -173,7 +216,7 @@ class GatedLoraMixin:
             self.r_init = {}
             self.init_lora_weights = {}
             self.spare_in_use = {}
-            self._spare_seen = {}  # adapter -> (gate, spare A, their versions) when spare_in_use was last derived
+            self._spare_seen = {}  # adapter -> the tensors spare_in_use was derived from, and their versions
         r_init = r
         capacity = config.capacity
         random_state = torch.random.get_rng_state()
@@ -218,47 +261,44 @@ class GatedLoraMixin:
     def _add_spare_bank(self, adapter: str, slots: int) -> None:
         """The spare slots, on the main bank's device, dtype and trainability, all zero: a slot gets its A row when
         it is grown, and a zero slot stays zero under weight decay, trained in the forward or not."""
-        self.spare_in_use[adapter] = False
+        self.spare_in_use[adapter] = 0
         if slots <= 0:
             return
-        main_a, main_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        spare_a = torch.nn.Linear(self.in_features, slots, bias=False, device="meta")
-        spare_b = torch.nn.Linear(slots, self.out_features, bias=False, device="meta")
-        if main_a.device.type != "meta":  # low_cpu_mem_usage: PEFT builds the main bank on "meta" too
-            spare_a.to_empty(device=main_a.device)
-            spare_b.to_empty(device=main_b.device)
-            with torch.no_grad():
-                spare_a.weight.zero_()
-                spare_b.weight.zero_()
-        spare_a.to(main_a.dtype).requires_grad_(main_a.requires_grad)
-        spare_b.to(main_b.dtype).requires_grad_(main_b.requires_grad)
-        self.lora_A_spare[adapter] = spare_a
-        self.lora_B_spare[adapter] = spare_b
+        self.lora_A_spare[adapter] = SpareSlots(slots, (1, self.in_features), 0, self.lora_A[adapter].weight)
+        self.lora_B_spare[adapter] = SpareSlots(slots, (self.out_features, 1), 1, self.lora_B[adapter].weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for adapter in self.lora_gate:
             if f"{prefix}lora_A.{adapter}.weight" in state_dict:  # this load carries weights of `adapter`
-                self._split_one_bank_file(state_dict, prefix, adapter)
+                self._split_older_layouts(state_dict, prefix, adapter)
                 self._check_loaded_adapter(state_dict, prefix, adapter)
-                spare_a = state_dict.get(f"{prefix}lora_A_spare.{adapter}.weight")
                 gate = state_dict[f"{prefix}lora_gate.{adapter}"][self.r_init[adapter]:]
-                self.spare_in_use[adapter] = spare_a is not None and _spare_used(gate, spare_a)
+                rows = [state_dict.get(f"{prefix}lora_A_spare.{adapter}.{index}") for index in range(gate.numel())]
+                self.spare_in_use[adapter] = _slots_used(gate, rows)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _split_one_bank_file(self, state_dict, prefix, adapter: str) -> None:
-        """An adapter saved before the two-bank layout holds all ``max_r`` slots in ``lora_A`` / ``lora_B``:
-        its rows (A) and columns (B) past ``r_init`` become the spare bank's entries."""
-        a_key, b_key = f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight"
+    def _split_older_layouts(self, state_dict, prefix, adapter: str) -> None:
+        """Adapters saved by earlier versions: all ``max_r`` slots in ``lora_A`` / ``lora_B`` (one bank), or the
+        spare slots in one ``lora_A_spare`` / ``lora_B_spare`` weight each (two banks). Their spare rows (A) and
+        columns (B) become the entries of one parameter per slot."""
+        if adapter not in self.lora_A_spare or f"{prefix}lora_A_spare.{adapter}.0" in state_dict:
+            return  # no spare slots, or the current layout (the shape checks report any mix)
         main = self.r_init[adapter]
-        weight_a, weight_b = state_dict[a_key], state_dict.get(b_key)
-        if adapter not in self.lora_A_spare or weight_a.shape[0] != self.capacity(adapter) or weight_b is None:
+        keys = {bank: f"{prefix}{bank}.{adapter}.weight" for bank in ("lora_A", "lora_B", *SPARE_NAMES)}
+        for bank in SPARE_NAMES:  # PEFT's loader names only the keys the model has: here without the adapter
+            if f"{prefix}{bank}.weight" in state_dict and keys[bank] not in state_dict:
+                keys[bank] = f"{prefix}{bank}.weight"
+        if keys["lora_A_spare"] in state_dict and keys["lora_B_spare"] in state_dict:
+            spare_a, spare_b = state_dict.pop(keys["lora_A_spare"]), state_dict.pop(keys["lora_B_spare"])
+        elif state_dict[keys["lora_A"]].shape[0] == self.capacity(adapter) and keys["lora_B"] in state_dict:
+            weight_a, weight_b = state_dict[keys["lora_A"]], state_dict[keys["lora_B"]]
+            state_dict[keys["lora_A"]], spare_a = weight_a[:main].contiguous(), weight_a[main:]
+            state_dict[keys["lora_B"]], spare_b = weight_b[:, :main].contiguous(), weight_b[:, main:]
+        else:
             return
-        if f"{prefix}lora_A_spare.{adapter}.weight" in state_dict:
-            return  # both layouts at once: the shape checks below report it
-        state_dict[a_key], state_dict[f"{prefix}lora_A_spare.{adapter}.weight"] = (
-            weight_a[:main].contiguous(), weight_a[main:].contiguous())
-        state_dict[b_key], state_dict[f"{prefix}lora_B_spare.{adapter}.weight"] = (
-            weight_b[:, :main].contiguous(), weight_b[:, main:].contiguous())
+        for index in range(spare_a.shape[0]):
+            state_dict[f"{prefix}lora_A_spare.{adapter}.{index}"] = spare_a[index:index + 1].clone()
+            state_dict[f"{prefix}lora_B_spare.{adapter}.{index}"] = spare_b[:, index:index + 1].clone()
 
     def _check_loaded_adapter(self, state_dict, prefix, adapter: str) -> None:
         """Refuse adapter files whose gates are missing or not 0/1, or whose scale disagrees with the config."""
@@ -312,42 +352,49 @@ class GatedLoraMixin:
     def capacity(self, adapter: str) -> int:
         return self.lora_gate[adapter].numel()
 
-    def spare_used(self, adapter: str) -> bool:
-        """Whether a slot of the spare bank has been grown (the bank then stays in the forward, pruned slots
-        included). Before that, in one process, the forward leaves it out.
+    def spare_slots_used(self, adapter: str) -> int:
+        """How many spare slots the forward takes in one process: the first ones up to the last that was ever
+        grown (rounds grow the lowest free slot, so these are the slots grown so far, pruned ones included).
 
-        A bank that was ever grown into has a nonzero A row (a grown slot's A row is drawn fresh and
-        only decays afterwards), so the weights themselves record it, in checkpoints too. The flag is
-        set by ``activate_slot`` and by loads through PEFT; weights or gates written any other way
-        (transformers' ``load_adapter`` sets them directly) are looked at once per change.
+        A slot that was ever grown has a nonzero A row (drawn fresh, it only decays afterwards), so the
+        weights themselves record it, in checkpoints too. The count is raised by ``activate_slot`` and set
+        by loads through PEFT; in one process, gates or weights written any other way (transformers'
+        ``load_adapter`` sets them directly) are looked at once per change, and the count never drops.
         """
         if adapter not in self.lora_A_spare:
-            return False
-        if not self.spare_in_use[adapter]:
-            gate, spare_a = self.lora_gate[adapter], self.lora_A_spare[adapter].weight
-            seen = self._spare_seen.get(adapter)
-            if seen is None or seen[0] is not gate or seen[1] is not spare_a \
-                    or seen[2:] != (_version_of(gate), _version_of(spare_a)):
-                self.spare_in_use[adapter] = _spare_used(gate[self.r_init[adapter]:], spare_a)
-                self._spare_seen[adapter] = (gate, spare_a, _version_of(gate), _version_of(spare_a))
+            return 0
+        used, bank = self.spare_in_use[adapter], self.lora_A_spare[adapter]
+        if used == len(bank) or _several_processes():
+            return used  # several processes: the count comes from rounds and loads alone, the same in every process
+        # only the slots not yet counted can raise the count; they get no gradient in one process, so their
+        # versions change only when a round or a load writes them
+        watched = (self.lora_gate[adapter], *bank.slots()[used:])
+        versions = tuple(_version_of(t) for t in watched)
+        seen = self._spare_seen.get(adapter)
+        if seen is None or len(seen[0]) != len(watched) or any(a is not b for a, b in zip(seen[0], watched)) \
+                or seen[1] != versions:
+            more = _slots_used(watched[0][self.r_init[adapter] + used:], watched[1:])
+            self.spare_in_use[adapter] = used + more
+            self._spare_seen[adapter] = (watched, versions)
         return self.spare_in_use[adapter]
 
     def slot_weights(self, adapter: str, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (max_r x in) and B (out x max_r) of every slot, both banks joined (a copy when there are two);
-        ``gather``: sharded parameters are gathered first (a collective under FSDP / ZeRO-3)."""
+        """A (max_r x in) and B (out x max_r) of every slot, both banks joined (a copy when there are spare
+        slots); ``gather``: sharded parameters are gathered first (a collective under FSDP / ZeRO-3)."""
         take = full if gather else (lambda tensor: tensor)
         weight_a, weight_b = take(self.lora_A[adapter].weight), take(self.lora_B[adapter].weight)
         if adapter in self.lora_A_spare:
-            weight_a = torch.cat([weight_a, take(self.lora_A_spare[adapter].weight).to(weight_a.device)])
-            weight_b = torch.cat([weight_b, take(self.lora_B_spare[adapter].weight).to(weight_b.device)], dim=1)
+            rows = [take(row).to(weight_a.device) for row in self.lora_A_spare[adapter].slots()]
+            columns = [take(column).to(weight_b.device) for column in self.lora_B_spare[adapter].slots()]
+            weight_a, weight_b = torch.cat([weight_a, *rows]), torch.cat([weight_b, *columns], dim=1)
         return weight_a, weight_b
 
     def slot_parameters(self, adapter: str, slot: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, int]:
-        """The A and B parameters of the bank that holds ``slot``, and the slot's index in that bank."""
+        """The A and B parameters that hold ``slot``, and the slot's index in them (0 for a spare slot)."""
         main = self.r_init[adapter]  # not the weight's shape: a ZeRO-3 parameter is empty between forwards
         if slot < main:
             return self.lora_A[adapter].weight, self.lora_B[adapter].weight, slot
-        return self.lora_A_spare[adapter].weight, self.lora_B_spare[adapter].weight, slot - main
+        return self.lora_A_spare[adapter][slot - main], self.lora_B_spare[adapter][slot - main], 0
 
     def active_slots(self, adapter: str) -> list[int]:
         return torch.nonzero(self.lora_gate[adapter] > 0).flatten().tolist()
@@ -390,7 +437,7 @@ class GatedLoraMixin:
         assign(weight_B, (slice(None), index), 0.0)
         gate[slot] = 1.0
         if slot >= self.r_init[adapter]:
-            self.spare_in_use[adapter] = True
+            self.spare_in_use[adapter] = max(self.spare_in_use[adapter], slot - self.r_init[adapter] + 1)
 
 
 class GatedLinear(GatedLoraMixin, lora_layer.Linear):

@@ -1,8 +1,9 @@
 """Zero the optimizer moments of re-activated rank slots (docs/design.md, decision 4).
 
-A slot is a row of A and a column of B of the bank that holds it (``layers.py``). Every per-element state
-tensor of the optimizer that has the parameter's shape (AdamW's ``exp_avg``/``exp_avg_sq``,
-fused AdamW, bitsandbytes' ``state1``/``state2``) gets that slice reset to zero. 8-bit
+A slot is a row of A and a column of B: of the main bank, or a spare slot's own two parameters
+(``layers.py``). Every per-element state tensor of the optimizer that has the parameter's shape
+(AdamW's ``exp_avg``/``exp_avg_sq``, fused AdamW, bitsandbytes' ``state1``/``state2``) gets that
+slice reset to zero. 8-bit
 bitsandbytes states hold codes into a quantisation map: the slice gets the code of 0.0.
 Scalar entries such as ``step`` are per tensor and stay as they are.
 """
@@ -17,6 +18,9 @@ from .distributed import assign, reset_deepspeed_moments
 
 # bitsandbytes names the quantisation map of each 8-bit state tensor
 _QMAP_OF = {"state1": "qmap1", "state2": "qmap2"}
+# and keeps, beside them, those maps and one scale per block of 8-bit codes: no slot's own state (the code of 0.0
+# decodes to zero whatever its block's scale)
+_QUANTISATION_KEYS = {"qmap1", "qmap2", "absmax1", "absmax2"}
 
 
 def _zero_code(qmap: torch.Tensor) -> int:
@@ -31,7 +35,7 @@ def reset_slot_state(optimizer, param: torch.nn.Parameter, index) -> int:
         return 0  # no step taken with this parameter yet: nothing to reset
     reset = 0
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+        if not isinstance(value, torch.Tensor) or value.numel() <= 1 or key in _QUANTISATION_KEYS:
             continue
         if value.shape != param.shape:
             # e.g. Adafactor's factored second moments: one row and one column statistic shared by many slots

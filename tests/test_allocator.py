@@ -133,8 +133,11 @@ def test_a_round_without_the_optimizer_warns_once_that_moments_were_not_reset():
 def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
     model, allocator, optimizer, ids = _setup(optimizer_cls=optimizer_cls)
     inner = getattr(optimizer, "optimizer", optimizer)
-    for _, layer in model.base_model.gated_layers():  # spare banks in use, so that they hold moments to reset
-        layer.activate_slot("default", layer.r_init["default"])
+    for _, layer in model.base_model.gated_layers():  # two spare slots in use, the second free again (as after a
+        r = layer.r_init["default"]                    # pruning), so that the slots a round grows hold moments
+        layer.activate_slot("default", r)
+        layer.activate_slot("default", r + 1)
+        layer.deactivate_slot("default", r + 1)
     for step in range(1, 3):
         _train_step(model, optimizer, ids)
     # make every slot look used (as a slot pruned in an earlier round would be): nonzero moments
@@ -164,10 +167,10 @@ def test_reactivated_slots_start_with_zero_optimizer_moments(optimizer_cls):
             checked += 1
         for key, value in moments(b):
             assert torch.count_nonzero(value[:, index]) == 0, key
-        # an active slot of the same bank that was not touched keeps its moments
-        same_bank = [layers[module].slot_parameters("default", other)[2] for other in layers[module].active_slots("default")
-                     if other != slot and layers[module].slot_parameters("default", other)[0] is a]
-        assert same_bank and any(torch.count_nonzero(v[same_bank[0]]) > 0 for _, v in moments(a))
+        # the module's other active slots, not touched, keep their moments
+        others = [layers[module].slot_parameters("default", other) for other in layers[module].active_slots("default")
+                  if other != slot]
+        assert others and all(any(torch.count_nonzero(v[i]) > 0 for _, v in moments(a2)) for a2, _, i in others)
     assert checked >= 2 * len(record["grown_slots"])
 
 
@@ -181,9 +184,9 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_spare_banks_left_out_until_grown_train_as_if_always_in(name, monkeypatch):
-    """One process leaves a spare bank out of the forward (no gradient, no moments) until a round grows a rank
-    there; several processes keep every bank in. Both must train the same: rounds, losses and every weight."""
+def test_spare_slots_left_out_until_grown_train_as_if_always_in(name, monkeypatch):
+    """One process leaves a spare slot out of the forward (no gradient, no moments) until a round grows a rank
+    there; several processes keep every slot in. Both must train the same: rounds, losses and every weight."""
     runs = []
     for always_in in (True, False):
         # what every process does under torch.distributed
@@ -196,13 +199,15 @@ def test_spare_banks_left_out_until_grown_train_as_if_always_in(name, monkeypatc
             record = allocator.step(step, optimizer)
             if record is not None:
                 history.append((record["pruned"], record["grown_slots"]))
-        spare_state = sum(bool(optimizer.state.get(layer.lora_A_spare["default"].weight)) for layer in layers.values())
+        spare_state = sum(bool(optimizer.state.get(slot)) for layer in layers.values()
+                          for slot in layer.lora_A_spare["default"].slots())
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        runs.append((losses, history, weights, spare_state, len(layers)))
-    (losses_in, history_in, weights_in, state_in, modules), (losses, history, weights, state, _) = runs
-    grown_spare = {m for _, grown in history for m, slot in grown if slot >= 2}
-    assert grown_spare and len(grown_spare) < modules  # some spare banks joined, some never did
-    assert state_in == modules and state == len(grown_spare)  # moments kept only for banks in use
+        spare_slots = sum(len(layer.lora_A_spare["default"]) for layer in layers.values())
+        runs.append((losses, history, weights, spare_state, spare_slots))
+    (losses_in, history_in, weights_in, state_in, slots), (losses, history, weights, state, _) = runs
+    grown_spare = {(m, slot) for _, grown in history for m, slot in grown if slot >= 2}
+    assert grown_spare and len(grown_spare) < slots  # some spare slots joined, some never did
+    assert state_in == slots and state == len(grown_spare)  # moments kept only for the slots grown
     assert history == history_in
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_in), rtol=0, atol=1e-6)
     for key, value in weights_in.items():

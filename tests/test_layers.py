@@ -57,13 +57,15 @@ def _weights(layer, adapter="default"):
 
 
 def _banks(layer, adapter="default"):
-    """(A, B) parameters of the main bank, then of the spare bank."""
-    banks = [(layer.lora_A, layer.lora_B), (layer.lora_A_spare, layer.lora_B_spare)]
-    return [(pair[0][adapter].weight, pair[1][adapter].weight) for pair in banks if adapter in pair[0]]
+    """(A, B) parameters of the main bank, then of each spare slot."""
+    main = [(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)]
+    if adapter not in layer.lora_A_spare:
+        return main
+    return main + list(zip(layer.lora_A_spare[adapter].slots(), layer.lora_B_spare[adapter].slots()))
 
 
 def _joined_grads(layer, adapter="default"):
-    """Gradients of A and B of every slot; a bank without a gradient (left out of the forward) reads as zeros."""
+    """Gradients of A and B of every slot; a slot without a gradient (left out of the forward) reads as zeros."""
     grads = [[w.grad if w.grad is not None else torch.zeros_like(w) for w in bank] for bank in _banks(layer, adapter)]
     return torch.cat([a for a, _ in grads]), torch.cat([b for _, b in grads], dim=1)
 
@@ -122,9 +124,12 @@ def test_inactive_slots_get_exactly_zero_gradient(build, kind):
         assert gate.grad is None and not gate.requires_grad
         if on.any():
             assert grad_a[on].abs().sum() > 0 and grad_b[:, on].abs().sum() > 0, name
-        # one process: a spare bank without an active slot stays out of the forward, so it has no gradient at all
-        spare = _banks(layer)[1]
-        assert (spare[0].grad is None and spare[1].grad is None) == (not bool(on[layer.r_init["default"]:].any())), name
+        # one process: a spare slot never grown stays out of the forward, so it has no gradient at all; rounds grow
+        # the lowest free slot, so the slots in the forward are the first ones up to the last active one
+        spare_on = torch.nonzero(on[layer.r_init["default"]:]).flatten().tolist()
+        assert layer.spare_slots_used("default") == (spare_on[-1] + 1 if spare_on else 0), name
+        for index, (a, b) in enumerate(_banks(layer)[1:]):
+            assert (a.grad is None and b.grad is None) == (index >= layer.spare_slots_used("default")), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -390,24 +395,24 @@ def test_a_seed_gives_the_adapter_that_one_bank_of_max_r_slots_gave(init):
         reference = peft_layers[name]
         assert torch.equal(layer.lora_A["default"].weight, reference.lora_A["default"].weight[:4]), name
         assert torch.equal(layer.lora_B["default"].weight, reference.lora_B["default"].weight[:, :4]), name
-        assert not layer.lora_A_spare["default"].weight.any() and not layer.lora_B_spare["default"].weight.any()
+        assert not any(slot.any() for bank in _banks(layer)[1:] for slot in bank)
 
 
 @pytest.mark.parametrize("dim", [0, 1])
 def test_joined_linear_is_a_linear_over_both_banks(dim):
     """Same values and gradients as F.linear over the concatenated weight: exactly under CPU bf16 autocast (as the
     one-bank layout computed), and by gradcheck in float64."""
-    shapes = [(3, 5), (2, 5)] if dim == 0 else [(5, 3), (5, 2)]  # A banks (rows) or B banks (columns)
+    shapes = [(3, 5), (1, 5), (1, 5)] if dim == 0 else [(5, 3), (5, 1), (5, 1)]  # A: main, 2 rows; B: columns
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 5, generator=generator)
     weights = [torch.randn(*shape, generator=generator) for shape in shapes]
-    assert torch.autograd.gradcheck(lambda a, b, c: JoinedLinear.apply(a, b, c, dim),
+    assert torch.autograd.gradcheck(lambda a, *w: JoinedLinear.apply(a, dim, *w),
                                     (x.double().requires_grad_(), *(w.double().requires_grad_() for w in weights)))
     results = []
     for joined in (True, False):
         inputs = [x.clone().requires_grad_(), *(w.clone().requires_grad_() for w in weights)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = JoinedLinear.apply(*inputs, dim) if joined else \
+            out = JoinedLinear.apply(inputs[0], dim, *inputs[1:]) if joined else \
                 torch.nn.functional.linear(inputs[0], torch.cat(inputs[1:], dim=dim))
         out.float().pow(2).sum().backward()
         results.append([out, *(t.grad for t in inputs)])
@@ -472,14 +477,15 @@ def test_training_changes_only_adapter_parameters(build, kind):
     changed = {n for n, p in model.named_parameters() if n in adapter and not torch.equal(p, adapter[n])}
     layers = {f"base_model.model.{name}": layer for name, layer in model.base_model.gated_layers()}
 
-    def bank_is_live(name):
+    def is_live(name):  # a main bank with an active slot, or an active spare slot
         layer = layers[name.split(".lora_")[0]]
-        spare = "_spare." in name
-        return any((slot >= layer.r_init["default"]) == spare for slot in layer.active_slots("default"))
+        slots = [int(name.rsplit(".", 1)[1]) + layer.r_init["default"]] if "_spare." in name \
+            else range(layer.r_init["default"])
+        return any(slot in layer.active_slots("default") for slot in slots)
 
-    live = {n for n in adapter if bank_is_live(n)}
-    assert changed == live  # every bank with active ranks trained; a bank without any (rank 0, spare) did not move
-    # one process: a spare bank with no active slot never had a gradient, so AdamW holds no moments for it
+    live = {n for n in adapter if is_live(n)}
+    assert changed == live  # every bank or slot with active ranks trained; the others (rank 0, spare) did not move
+    # one process: a spare slot never grown never had a gradient, so AdamW holds no moments for it
     params = dict(model.named_parameters())
     spare = {n for n in adapter if "_spare." in n}
     assert {n for n in spare if optimizer.state.get(params[n])} == spare & live
@@ -487,8 +493,11 @@ def test_training_changes_only_adapter_parameters(build, kind):
     # inactive slots did not move (zero gradient and no weight decay)
     for name, layer in layers.items():
         off = layer.lora_gate["default"] == 0
-        before_a = torch.cat([adapter[f"{name}.{bank}.default.weight"] for bank in ("lora_A", "lora_A_spare")])
-        before_b = torch.cat([adapter[f"{name}.{bank}.default.weight"] for bank in ("lora_B", "lora_B_spare")], dim=1)
+        spare_slots = range(layer.capacity("default") - layer.r_init["default"])
+        before_a = torch.cat([adapter[f"{name}.lora_A.default.weight"],
+                              *(adapter[f"{name}.lora_A_spare.default.{i}"] for i in spare_slots)])
+        before_b = torch.cat([adapter[f"{name}.lora_B.default.weight"],
+                              *(adapter[f"{name}.lora_B_spare.default.{i}"] for i in spare_slots)], dim=1)
         weight_a, weight_b = layer.slot_weights("default")
         assert torch.equal(weight_a[off], before_a[off])
         assert torch.equal(weight_b[:, off], before_b[:, off])

@@ -3,6 +3,7 @@ the refusal (with a message that says what to do). See docs/reliability.md."""
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -170,20 +171,27 @@ def test_saved_adapter_loads_back(saved):
     assert _load(saved).base_model.rank_state() == json.loads((saved / "rank_state.json").read_text())
 
 
-def test_adapter_saved_with_every_slot_in_one_bank_loads(saved):
-    """Files written before the two-bank layout hold all max_r slots in lora_A / lora_B: they load to the same
-    model, regrown spare slots included."""
+@pytest.mark.parametrize("layout", ["one bank", "two banks"])
+def test_adapter_saved_in_an_earlier_layout_loads(saved, layout):
+    """Files written by earlier versions hold all max_r slots in lora_A / lora_B (one bank), or the spare slots in
+    one lora_A_spare / lora_B_spare weight each (two banks): they load to the same model, regrown spare slots
+    included."""
     x = random_batch()
     expected, ranks = logits_of(_load(saved), x), json.loads((saved / "rank_state.json").read_text())
 
-    def join_banks(tensors):
-        spare_keys = [k for k in tensors if k.endswith(("lora_A_spare.weight", "lora_B_spare.weight"))]
+    def join_slots(tensors):
+        spare_keys = sorted((k for k in tensors if re.search(r"lora_[AB]_spare\.\d+$", k)),
+                            key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])))
         assert spare_keys
         for key in spare_keys:
-            main = key.replace("_spare.weight", ".weight")
-            tensors[main] = torch.cat([tensors[main], tensors.pop(key)], dim=0 if "lora_A" in key else 1)
+            bank = key.rsplit(".", 1)[0]
+            into = bank.replace("_spare", "") + ".weight" if layout == "one bank" else bank + ".weight"
+            if into in tensors:
+                tensors[into] = torch.cat([tensors[into], tensors.pop(key)], dim=0 if "lora_A" in key else 1)
+            else:
+                tensors[into] = tensors.pop(key)
 
-    _edit_weights(saved, join_banks)
+    _edit_weights(saved, join_slots)
     loaded = _load(saved)
     assert loaded.base_model.rank_state() == ranks and any(s >= 4 for slots in ranks.values() for s in slots)
     torch.testing.assert_close(logits_of(loaded, x), expected, rtol=0, atol=0)
@@ -290,8 +298,8 @@ def test_alora_and_plain_lora_cannot_share_modules():
 def test_adafactor_factored_moments_that_cannot_be_reset_are_warned_about():
     allocator = _allocator()
     model = allocator.model
-    for _, layer in model.base_model.gated_layers():  # spare banks in use, so that they too hold optimizer state
-        layer.activate_slot("default", layer.r_init["default"])
+    for _, layer in model.base_model.gated_layers():  # a free slot in every main bank, where a round regrows a rank
+        layer.deactivate_slot("default", 0)
     optimizer = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = random_batch(n=4, length=12)
     model.train()
