@@ -10,7 +10,7 @@ out: a spare slot gets no gradient and AdamW keeps no moments for it until a rou
 (docs/benchmarks.md, "Spare slots, one parameter each"); until then the module is a plain rank-r
 LoRA. Under ``torch.distributed`` every spare slot takes part and adds exact zeros while unused,
 since DDP's default, FSDP and ZeRO-3 expect every parameter in every step. The slots in the forward
-run as one matmul (``JoinedLinear``), as the one-bank layout did. Spare slots hold zeros until
+run as one matmul per side (``GatedLora``), as the one-bank layout did. Spare slots hold zeros until
 grown, so both ways train the same (``optim_state.start_bank_state`` gives a joining slot the
 optimizer state it would have had). Slot numbers run over both banks; ``slot_weights`` and
 ``slot_parameters`` map them.
@@ -78,9 +78,8 @@ class GatedVariant(LoraVariant):
         zero3 = hasattr(lora_A.weight, "ds_id")  # ZeRO-3 gathers a weight only for its own module's forward/backward
         if used and not zero3:  # the main bank and the spare slots in use, as one LoRA
             spare_a, spare_b = module.lora_A_spare[active_adapter], module.lora_B_spare[active_adapter]
-            hidden = JoinedLinear.apply(x, 0, lora_A.weight, *spare_a.slots(used))
-            out = JoinedLinear.apply(hidden * gate[: hidden.shape[-1]].to(hidden.dtype), 1, lora_B.weight,
-                                     *spare_b.slots(used))
+            out = GatedLora.apply(x, gate[: module.r_init[active_adapter] + used], used + 1, lora_A.weight,
+                                  *spare_a.slots(used), lora_B.weight, *spare_b.slots(used))
         else:
             hidden = lora_A(x)
             out = lora_B(hidden * gate[: hidden.shape[-1]].to(hidden.dtype))
@@ -91,40 +90,48 @@ class GatedVariant(LoraVariant):
             if zero3:  # every spare slot, through its module
                 out = out + spare_b(spare_a(x) * gate[module.r_init[active_adapter]:].to(out.dtype))
             elif used < len(spare_a):
-                rest = JoinedLinear.apply(x, 0, *spare_a.slots()[used:])
-                rest = rest * gate[gate.numel() - rest.shape[-1]:].to(rest.dtype)
-                out = out + JoinedLinear.apply(rest, 1, *spare_b.slots()[used:])
+                rest = len(spare_a) - used
+                out = out + GatedLora.apply(x, gate[gate.numel() - rest:], rest, *spare_a.slots()[used:],
+                                            *spare_b.slots()[used:])
         return result + out * scaling
 
 
-class JoinedLinear(torch.autograd.Function):
-    """``F.linear(x, torch.cat(weights, dim))`` that keeps the weights for the backward, not their joined copy.
+class GatedLora(torch.autograd.Function):
+    """``F.linear(F.linear(x, cat(a_parts)) * gate, cat(b_parts, dim=1))``: the gated LoRA path over the main bank
+    and spare slots, one matmul per side, in one autograd node that keeps the parts for the backward, not their
+    joined copies.
 
-    One matmul over the main bank and the spare slots in use costs what the one-bank layout's did (several
-    smaller ones cost more on a CPU), and rounds the same under autocast. The backward computes in the dtype
-    the forward's matmul ran in (autocast's), as autocast's own linear does, and returns each weight's share
-    of the weight gradient.
+    One matmul per side costs what the one-bank layout's did (several smaller ones cost more on a CPU), and
+    rounds the same under autocast. The backward computes as autograd does for those three operations, in the
+    dtype the forward's matmuls ran in (autocast's), and returns each part's share of the weight gradient, and
+    the gate's gradient when the gates are leaves (the fast scorer's gradient pass).
     """
 
     @staticmethod
-    def forward(ctx, x, dim, *weights):
-        out = torch.nn.functional.linear(x, torch.cat(weights, dim=dim))
-        ctx.save_for_backward(x, *weights)
-        ctx.dim = dim
+    def forward(ctx, x, gate, n_a, *parts):
+        hidden = torch.nn.functional.linear(x, torch.cat(parts[:n_a]))
+        out = torch.nn.functional.linear(hidden * gate.to(hidden.dtype), torch.cat(parts[n_a:], dim=1))
+        ctx.save_for_backward(x, hidden, gate, *parts)
+        ctx.n_a = n_a
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, *weights = ctx.saved_tensors
+        x, hidden, gate, *parts = ctx.saved_tensors
+        a_parts, b_parts = parts[: ctx.n_a], parts[ctx.n_a:]
+        gate_cast = gate.to(hidden.dtype)
         dtype = grad_out.dtype
-        grad_x, grad_weights = None, [None] * len(weights)
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ torch.cat(weights, dim=ctx.dim).to(dtype)).to(x.dtype)
-        if any(ctx.needs_input_grad[2:]):
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
-            pieces = grad_w.split([w.shape[ctx.dim] for w in weights], dim=ctx.dim)
-            grad_weights = [piece.to(w.dtype) for piece, w in zip(pieces, weights)]
-        return grad_x, None, *grad_weights
+        grad_2d, gated = grad_out.reshape(-1, grad_out.shape[-1]), hidden * gate_cast
+        grad_b = (grad_2d.t() @ gated.reshape(-1, gated.shape[-1]).to(dtype)).split([b.shape[1] for b in b_parts], 1)
+        grad_gated = (grad_out @ torch.cat(b_parts, dim=1).to(dtype)).to(gated.dtype)
+        grad_gate = (grad_gated * hidden).sum_to_size(gate_cast.shape).to(gate.dtype) \
+            if ctx.needs_input_grad[1] else None
+        grad_hidden = grad_gated * gate_cast
+        hidden_2d, dtype = grad_hidden.reshape(-1, grad_hidden.shape[-1]), grad_hidden.dtype
+        grad_a = (hidden_2d.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).split([a.shape[0] for a in a_parts])
+        grad_x = (grad_hidden @ torch.cat(a_parts).to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grads = [g.to(p.dtype) for g, p in zip(grad_a + grad_b, parts)]
+        return grad_x, grad_gate, None, *grads
 
 
 class SpareSlots(torch.nn.Module):

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
 import peft_alora
-from peft_alora.layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, JoinedLinear
+from peft_alora.layers import GatedLinear, GatedLinear4bit, GatedLinear8bitLt, GatedLora
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -398,22 +398,30 @@ def test_a_seed_gives_the_adapter_that_one_bank_of_max_r_slots_gave(init):
         assert not any(slot.any() for bank in _banks(layer)[1:] for slot in bank)
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-def test_joined_linear_is_a_linear_over_both_banks(dim):
-    """Same values and gradients as F.linear over the concatenated weight: exactly under CPU bf16 autocast (as the
-    one-bank layout computed), and by gradcheck in float64."""
-    shapes = [(3, 5), (1, 5), (1, 5)] if dim == 0 else [(5, 3), (5, 1), (5, 1)]  # A: main, 2 rows; B: columns
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gated_lora_is_the_lora_over_the_joined_banks(autocast):
+    """Same values and gradients as linear -> gate -> linear over the concatenated weights: exactly in fp32 and under
+    CPU bf16 autocast (as the one-bank layout computed), and by gradcheck in float64."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 5, generator=generator)
-    weights = [torch.randn(*shape, generator=generator) for shape in shapes]
-    assert torch.autograd.gradcheck(lambda a, *w: JoinedLinear.apply(a, dim, *w),
-                                    (x.double().requires_grad_(), *(w.double().requires_grad_() for w in weights)))
+    a_parts = [torch.randn(*shape, generator=generator) for shape in [(3, 5), (1, 5), (1, 5)]]  # main A, 2 rows
+    b_parts = [torch.randn(*shape, generator=generator) for shape in [(6, 3), (6, 1), (6, 1)]]  # main B, 2 columns
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+
+    def reference(x, gate, *parts):
+        hidden = torch.nn.functional.linear(x, torch.cat(parts[:3]))
+        return torch.nn.functional.linear(hidden * gate.to(hidden.dtype), torch.cat(parts[3:], dim=1))
+
+    def gated(x, gate, *parts):
+        return GatedLora.apply(x, gate, 3, *parts)
+
+    # the gate too: the fast scorer's gradient pass makes the gates leaves
+    assert torch.autograd.gradcheck(gated, tuple(t.double().requires_grad_() for t in [x, gate, *a_parts, *b_parts]))
     results = []
-    for joined in (True, False):
-        inputs = [x.clone().requires_grad_(), *(w.clone().requires_grad_() for w in weights)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = JoinedLinear.apply(inputs[0], dim, *inputs[1:]) if joined else \
-                torch.nn.functional.linear(inputs[0], torch.cat(inputs[1:], dim=dim))
+    for function in (gated, reference):
+        inputs = [t.clone().requires_grad_() for t in [x, gate, *a_parts, *b_parts]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = function(*inputs)
         out.float().pow(2).sum().backward()
         results.append([out, *(t.grad for t in inputs)])
     for got, expected in zip(*results):
