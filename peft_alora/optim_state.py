@@ -65,9 +65,9 @@ def _group_and_index(optimizer, param) -> tuple[int, int, dict]:
 
 @torch.no_grad()
 def start_bank_state(optimizer, param: torch.nn.Parameter, like: torch.nn.Parameter) -> bool:
-    """Give ``param`` (a spare bank joining the training, no state yet) the state that steps with zero
-    gradients would have left it, as under several processes, where the bank takes every step: zero
-    moments, and the per-tensor step count of ``like`` (the main bank, which took every step).
+    """Give ``param`` (a spare slot's A row or B column joining the training, no state yet) the state that
+    steps with zero gradients would have left it, as under several processes, where the slot takes every
+    step: zero moments, and the per-tensor step count of ``like`` (the main bank, which took every step).
 
     Returns whether a state was made. bitsandbytes optimizers make their own (``init_state``); for
     others every per-element state of ``like`` becomes zeros and every per-tensor value is copied. A
@@ -103,7 +103,7 @@ def reset_slots(optimizer, layer, adapter: str, slot: int) -> int:
         return 0
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     weight_a, weight_b, index = layer.slot_parameters(adapter, slot)
-    if weight_a is not layer.lora_A[adapter].weight:  # a spare bank: maybe its first slot
+    if weight_a is not layer.lora_A[adapter].weight:  # a spare slot: maybe its first step in the forward
         start_bank_state(optimizer, weight_a, layer.lora_A[adapter].weight)
         start_bank_state(optimizer, weight_b, layer.lora_B[adapter].weight)
     slices = ((weight_a, (index, slice(None))), (weight_b, (slice(None), index)))
