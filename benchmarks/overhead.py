@@ -137,7 +137,6 @@ def _trainable(path: str, precision: str, method: str, r: int, spare_slots: str 
         return time.perf_counter() - started
 
     step.model = model
-    step.optimizer = optimizer
     return step
 
 

@@ -3,9 +3,8 @@
 A slot is a row of A and a column of B: of the main bank, or a spare slot's own two parameters
 (``layers.py``). Every per-element state tensor of the optimizer that has the parameter's shape
 (AdamW's ``exp_avg``/``exp_avg_sq``, fused AdamW, bitsandbytes' ``state1``/``state2``) gets that
-slice reset to zero. 8-bit
-bitsandbytes states hold codes into a quantisation map: the slice gets the code of 0.0.
-Scalar entries such as ``step`` are per tensor and stay as they are.
+slice reset to zero. 8-bit bitsandbytes states hold codes into a quantisation map: the slice gets
+the code of 0.0. Scalar entries such as ``step`` are per tensor and stay as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from .distributed import assign, reset_deepspeed_moments
 _QMAP_OF = {"state1": "qmap1", "state2": "qmap2"}
 # and keeps, beside them, those maps and one scale per block of 8-bit codes: no slot's own state (the code of 0.0
 # decodes to zero whatever its block's scale)
-_QUANTISATION_KEYS = {"qmap1", "qmap2", "absmax1", "absmax2"}
+_QUANTISATION_KEYS = set(_QMAP_OF.values()) | {"absmax1", "absmax2"}
 
 
 def _zero_code(qmap: torch.Tensor) -> int:
