@@ -29,7 +29,8 @@ def test_recipe_parses_with_valid_values(recipe, monkeypatch):
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
     script, training, model, _, alora, evals = parse_args(["--config", str(recipe)])
     config = alora.to_config(model)
-    assert isinstance(config, ALoRAConfig) and config.target_modules == "all-linear"
+    assert isinstance(config, ALoRAConfig)
+    assert config.target_modules == ({"q_proj", "v_proj"} if recipe.stem == "alora_cpu_qv_r1" else "all-linear")
     assert not training.load_best_model_at_end and not training.push_to_hub
     quantization = get_quantization_config(model)
     if "qlora" in recipe.stem:
@@ -47,6 +48,21 @@ def test_recipe_parses_with_valid_values(recipe, monkeypatch):
     assert config.max_r is None and config.capacity == 2 * config.r
     *_, changed_r, _, changed, _ = parse_args(["--config", str(recipe), "--lora_r", "4"])
     assert changed.to_config(changed_r).capacity == 8
+
+
+def test_binding_budget_recipe_is_the_cpu_recipe_with_a_smaller_adapter():
+    """Its figures in docs/benchmarks.md were measured as the CPU recipe with --lora_r 1 --lora_alpha 2
+    --lora_target_modules q_proj v_proj: nothing else may differ (the output folder aside)."""
+    cpu = parse_args(["--config", str(RECIPES / "SmolLM2-135M-Instruct/alora_cpu.yaml")])
+    measured = parse_args(["--config", str(RECIPES / "SmolLM2-135M-Instruct/alora_cpu.yaml"), "--lora_r", "1",
+                           "--lora_alpha", "2", "--lora_target_modules", "q_proj", "v_proj"])
+    binding = parse_args(["--config", str(RECIPES / "SmolLM2-135M-Instruct/alora_cpu_qv_r1.yaml")])
+    assert binding[2] != cpu[2]  # the adapter differs from the default's
+    for parsed in (measured, binding):
+        parsed[1].output_dir = cpu[1].output_dir
+    assert repr(binding) == repr(measured)
+    config = binding[4].to_config(binding[2])
+    assert (config.r, config.lora_alpha, config.capacity) == (1, 2, 2)
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
