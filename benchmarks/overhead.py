@@ -22,10 +22,12 @@
    SFTTrainer runs on the offline toy world (8 scoring rounds), ``toy_run_time_ratio_*``.
    Whole-run workers run with glibc malloc keeping freed memory (``KEEP_FREED_MEMORY``), so that both
    methods' steps run at the same speed. ``--side-by-side`` runs each recipe pair at the same time,
-   one process per core, so that other jobs' load hits both; ``--recipe-steps`` trains it longer.
+   one process per core, so that other jobs' load hits both; ``--recipe-steps`` trains it longer;
+   ``--recipe`` times another recipe (e.g. the one where the rank budget binds).
 
     python benchmarks/overhead.py --quick      # < 10 min on 2 CPU cores
     python benchmarks/overhead.py --reps 0 --run-reps 0 --recipe-steps 120 --side-by-side  # a longer recipe
+    python benchmarks/overhead.py --reps 0 --run-reps 0 --recipe recipes/SmolLM2-135M-Instruct/alora_cpu_qv_r1.yaml
 
 Prints a table, writes benchmarks/results/overhead.json (overhead_quick.json with --quick); the last line is one JSON object with
 step_time_ratio, peak_memory_ratio and run_time_ratio (ALoRA / LoRA; the step and memory ratios
@@ -262,8 +264,9 @@ def recipe_worker(method: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     length = ["--max_steps", str(args.recipe_steps)] if args.recipe_steps else []  # default: the recipe's own
+    recipe = ["--config", args.recipe] if args.recipe else []  # default: alora-sft's embedded default
     script, training, model, data, alora, _ = parse_args(
-        ["--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true", *length])
+        [*recipe, "--output_dir", tempfile.mkdtemp(prefix=f"alora-recipe-{method}-"), "--disable_tqdm", "true", *length])
     trainer, *_ = build_trainer(script, training, model, data, alora,
                                 peft_config=get_peft_config(model) if method == "lora" else None)
     seconds, history = timed_training(trainer, method)
@@ -276,7 +279,7 @@ def _worker_command(kind: str, fields, args) -> list:
     return [sys.executable, HERE, "--worker", kind, *map(str, fields), "--threads", str(args.threads),
             "--r", str(args.r), "--batch", str(args.batch), "--length", str(args.length), "--steps",
             str(args.steps), "--warmup", str(args.warmup), "--run-steps", str(args.run_steps),
-            "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0),
+            "--run-hidden", str(args.run_hidden), "--recipe-steps", str(args.recipe_steps or 0), "--recipe", args.recipe,
             "--spare-slots", args.spare_slots]
 
 
@@ -349,6 +352,9 @@ def main(argv=None):
                              "its ratio is run_time_ratio (default 1, 2 without --quick)")
     parser.add_argument("--recipe-steps", type=int, default=None,
                         help="train the recipe for this many steps instead of its 30 (its rounds stay at 10%%-40%% of the run)")
+    parser.add_argument("--recipe", default="",
+                        help="the recipe YAML of the whole-run comparison (default: alora-sft's own, the CPU recipe), "
+                             "e.g. recipes/SmolLM2-135M-Instruct/alora_cpu_qv_r1.yaml")
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each LoRA/ALoRA recipe pair at the same time, one process per core")
     parser.add_argument("--threads", type=int, default=1)
@@ -405,6 +411,7 @@ def main(argv=None):
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
 
     recipes = []
+    recipe_name = f"recipe {os.path.basename(args.recipe)}" if args.recipe else "default recipe"
     for rep in range(args.recipe_reps):
         order = ("lora", "alora") if rep % 2 == 0 else ("alora", "lora")
         rows = side_by_side("recipe", order, args) if args.side_by_side else [
@@ -412,7 +419,7 @@ def main(argv=None):
         for method, row in zip(order, rows):
             row["side_by_side"] = args.side_by_side
             recipes.append(row)
-            print(f"default recipe {method:6} rep {rep}: {row['run_seconds']:.1f}s for {row['steps']} steps "
+            print(f"{recipe_name} {method:6} rep {rep}: {row['run_seconds']:.1f}s for {row['steps']} steps "
                   f"(scoring {row['scoring_seconds']:.1f}s, {row['rounds']} rounds)", flush=True)
 
     table = {}
@@ -449,7 +456,7 @@ def main(argv=None):
               f"{t['lora_tensor_peak_mib']:9.1f} {t['alora_tensor_peak_mib']:9.1f} "
               f"{t['peak_memory_ratio']:6.3f} {t['rss_growth_ratio']:9.3f}")
     if recipes:
-        print(f"default recipe (alora-sft): ALoRA / LoRA wall time of trainer.train() {recipe_ratio:.3f}")
+        print(f"{recipe_name} (alora-sft): ALoRA / LoRA wall time of trainer.train() {recipe_ratio:.3f}")
     for scorer, value in run_ratios.items():
         share = statistics.median(r["scoring_seconds"] / r["run_seconds"] for r in runs if r["scorer"] == scorer)
         print(f"whole SFT run, scorer {scorer}: ALoRA / LoRA wall time {value:.3f} (scoring {100 * share:.0f}% of it)")
