@@ -16,6 +16,10 @@ LoRA (uniform r), AdaLoRA (init_r = 2r pruned to target_r = r, its cubic schedul
 (defaults: capacity 2r, rounds 10%-40%), ALoRA variants (config fields) and an oracle
 LoRA whose rank_pattern is the planted one (the rest of the budget spread evenly).
 
+The same three methods on the real SmolLM2-135M-Instruct and the recipes' ISO-dates task (held-out
+loss and exact match) are ``benchmarks/quality_sft.py``: a run there takes minutes per seed and method,
+so it stays out of this script's ``--quick``.
+
     python benchmarks/quality.py --quick          # < 10 min on 2 CPU cores
     python benchmarks/quality.py                  # more steps and seeds
 
